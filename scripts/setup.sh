@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh machine (CPU or GPU) and
+# builds the package. Safe to run again: what is installed is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+# Build tools (scikit-build-core drives CMake; pybind11 for the module).
+pip_install "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy
+# torch: CPU build 2.13.0 here (tests use CPU tensors as stand-in device pools).
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install torch==2.13.0
+fi
+pip_install pytest hypothesis xxhash
+# The package itself; CUDA sources are compiled when nvcc is on PATH.
+pip_install --no-build-isolation .
+"$PY" -c "import lmdeploy_hostcache as h; i = h.build_info(); print('lmdeploy_hostcache', i['version'], 'build:', i['build'], '| GPU usable:', i['gpu_usable'], '' if i['gpu_usable'] else '(' + i['reason'] + ')')"

@@ -1,0 +1,253 @@
+// Python bindings of the core (module lmdeploy_hostcache._core). Pointers
+// cross as integers and token ids as numpy int32 arrays: the core links no
+// torch, and the Python layer turns tensors into (pointer, stride, bytes).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "block_key.h"
+#include "errors.h"
+#include "host_cache.h"
+#include "memory_info.h"
+#include "prefix_index.h"
+
+namespace py = pybind11;
+using namespace hostcache;
+
+namespace {
+
+using Tokens = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using U64s = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+using U32s = py::array_t<uint32_t, py::array::c_style | py::array::forcecast>;
+using I32s = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+const char* status_name(InsertStatus s) {
+  switch (s) {
+    case InsertStatus::kCreated: return "created";
+    case InsertStatus::kExists: return "exists";
+    case InsertStatus::kPending: return "pending";
+    case InsertStatus::kCollision: return "collision";
+    case InsertStatus::kFull: return "full";
+  }
+  return "?";
+}
+
+py::dict device_info_dict() {
+  const DeviceInfo d = device_info();
+  py::dict out;
+  out["cuda_compiled"] = d.cuda_compiled;
+  out["gpu_usable"] = d.gpu_usable;
+  out["device_count"] = d.device_count;
+  out["runtime_version"] = d.runtime_version;
+  out["driver_version"] = d.driver_version;
+  out["reason"] = d.reason;
+  return out;
+}
+
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  py::array_t<T> a(v.size());
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+py::dict stats_dict(const Stats& s) {
+  py::dict d;
+#define HC_FIELD(name) d[#name] = s.name
+  HC_FIELD(slots_total); HC_FIELD(slots_used); HC_FIELD(slots_free);
+  HC_FIELD(slot_bytes); HC_FIELD(slot_stride); HC_FIELD(pool_bytes);
+  HC_FIELD(match_queries); HC_FIELD(query_blocks); HC_FIELD(hit_blocks); HC_FIELD(miss_blocks);
+  HC_FIELD(evictions); HC_FIELD(collisions);
+  HC_FIELD(offload_transfers); HC_FIELD(restore_transfers);
+  HC_FIELD(blocks_offloaded); HC_FIELD(blocks_restored); HC_FIELD(bytes_offloaded); HC_FIELD(bytes_restored);
+  HC_FIELD(offload_existing); HC_FIELD(offload_dropped);
+  HC_FIELD(transfers_failed); HC_FIELD(checksum_failures); HC_FIELD(transfers_in_flight);
+  HC_FIELD(restore_seconds); HC_FIELD(offload_seconds);
+  HC_FIELD(pinned); HC_FIELD(pinned_bytes); HC_FIELD(pin_mode); HC_FIELD(pin_error); HC_FIELD(copy_engine);
+#undef HC_FIELD
+  return d;
+}
+
+void require_1d(const py::array& a, const char* what) {
+  if (a.ndim() != 1) throw ConfigError(hostcache::concat(what, " must be a 1-D array, got ", a.ndim(), " dimensions"));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "lmdeploy-hostcache core: host block pool, prefix index and copy engine";
+  m.def("device_info", &device_info_dict, "Whether this build has CUDA and whether a GPU is usable.");
+  m.attr("ROOT_KEY") = kRootKey;
+  m.def("available_ram_bytes", &available_ram_bytes, "MemAvailable: what the pool is checked against.");
+  m.def("total_ram_bytes", &total_ram_bytes);
+  m.def(
+      "chain_key",
+      [](uint64_t parent, uint64_t ns, Tokens tokens) {
+        require_1d(tokens, "tokens");
+        return chain_key(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()));
+      },
+      py::arg("parent"), py::arg("namespace"), py::arg("tokens"));
+
+  py::class_<PrefixIndex>(m, "PrefixIndex", "The bare prefix index (for tests and benchmarks).")
+      .def(py::init<uint32_t, uint32_t>(), py::arg("num_slots"), py::arg("block_tokens"))
+      .def_property_readonly("capacity", &PrefixIndex::capacity)
+      .def_property_readonly("used", &PrefixIndex::used)
+      .def_property_readonly("evictions", &PrefixIndex::evictions)
+      .def(
+          "match",
+          [](PrefixIndex& ix, uint64_t parent, uint64_t ns, Tokens tokens, bool pin) {
+            require_1d(tokens, "tokens");
+            std::vector<MatchStep> out;
+            ix.match(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()), pin, &out);
+            py::list l;
+            for (auto& s : out) l.append(py::make_tuple(s.key, s.slot));
+            return l;
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"), py::arg("pin") = false)
+      .def(
+          "match_count",
+          [](PrefixIndex& ix, uint64_t parent, uint64_t ns, Tokens tokens) {
+            return ix.match(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()), false, nullptr);
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"))
+      .def(
+          "insert",
+          [](PrefixIndex& ix, uint64_t parent, uint64_t ns, Tokens tokens) {
+            if (tokens.size() != ix.block_tokens())
+              throw ConfigError(hostcache::concat("insert takes one block of ", ix.block_tokens(), " tokens, got ", tokens.size()));
+            const InsertResult r = ix.insert(parent, ns, tokens.data());
+            return py::make_tuple(status_name(r.status), r.key, r.slot);
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"))
+      .def("commit", &PrefixIndex::commit)
+      .def("discard", &PrefixIndex::discard)
+      .def("pin", &PrefixIndex::pin)
+      .def("unpin", &PrefixIndex::unpin)
+      .def("evict_one", &PrefixIndex::evict_one)
+      .def("find", &PrefixIndex::find)
+      .def("is_ready", &PrefixIndex::is_ready)
+      .def("pins", &PrefixIndex::pins)
+      .def("key_of", &PrefixIndex::key_of)
+      .def("check_invariants", &PrefixIndex::check_invariants);
+
+  py::enum_<PinMode>(m, "PinMode").value("off", PinMode::kOff).value("lazy", PinMode::kLazy).value("eager", PinMode::kEager);
+  py::enum_<CopyPath>(m, "CopyPath").value("kernel", CopyPath::kKernel).value("memcpy", CopyPath::kMemcpy);
+
+  py::class_<HostCacheOptions>(m, "Options")
+      .def(py::init<>())
+      .def_readwrite("capacity_bytes", &HostCacheOptions::capacity_bytes)
+      .def_readwrite("reserve_bytes", &HostCacheOptions::reserve_bytes)
+      .def_readwrite("block_tokens", &HostCacheOptions::block_tokens)
+      .def_readwrite("cuda", &HostCacheOptions::cuda)
+      .def_readwrite("device", &HostCacheOptions::device)
+      .def_readwrite("pin_mode", &HostCacheOptions::pin_mode)
+      .def_readwrite("copy_path", &HostCacheOptions::copy_path)
+      .def_readwrite("cpu_workers", &HostCacheOptions::cpu_workers)
+      .def_readwrite("pin_chunk_bytes", &HostCacheOptions::pin_chunk_bytes)
+      .def_readwrite("checksum", &HostCacheOptions::checksum)
+      .def_readwrite("capacity_setting", &HostCacheOptions::capacity_setting);
+
+  py::class_<TransferRecord, std::shared_ptr<TransferRecord>>(m, "TransferRecord")
+      .def_readonly("id", &TransferRecord::id)
+      .def_property_readonly("direction",
+                             [](const TransferRecord& t) { return t.direction == Direction::kOffload ? "offload" : "restore"; })
+      .def_readonly("finished", &TransferRecord::finished)
+      .def_readonly("ok", &TransferRecord::ok)
+      .def_readonly("error", &TransferRecord::error)
+      .def_readonly("seconds", &TransferRecord::seconds)
+      .def_property_readonly("num_blocks", [](const TransferRecord& t) { return t.copies.size(); })
+      .def_property_readonly("slots", [](const TransferRecord& t) {
+        std::vector<uint32_t> v;
+        for (auto& c : t.copies) v.push_back(c.slot);
+        return to_array(v);
+      })
+      .def_property_readonly("blocks", [](const TransferRecord& t) {
+        std::vector<uint32_t> v;
+        for (auto& c : t.copies) v.push_back(c.block);
+        return to_array(v);
+      });
+
+  py::class_<HostCache>(m, "HostCache")
+      .def(py::init([](const HostCacheOptions& o, const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& regions,
+                       uint64_t num_device_blocks) {
+             std::vector<Region> rs;
+             for (auto& [base, stride, bytes] : regions) rs.push_back({base, stride, bytes});
+             return std::make_unique<HostCache>(o, std::move(rs), num_device_blocks);
+           }),
+           py::arg("options"), py::arg("regions"), py::arg("num_device_blocks"))
+      .def_property_readonly("block_tokens", &HostCache::block_tokens)
+      .def_property_readonly("slot_bytes", &HostCache::slot_bytes)
+      .def_property_readonly("num_slots", &HostCache::num_slots)
+      .def(
+          "block_keys",
+          [](const HostCache& c, uint64_t parent, uint64_t ns, Tokens tokens) {
+            require_1d(tokens, "tokens");
+            return to_array(c.block_keys(parent, ns, tokens.data(), static_cast<size_t>(tokens.size())));
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"))
+      .def(
+          "match",
+          [](HostCache& c, uint64_t parent, uint64_t ns, Tokens tokens, bool pin) {
+            require_1d(tokens, "tokens");
+            const auto steps = c.match(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()), pin);
+            py::array_t<uint64_t> keys(steps.size());
+            py::array_t<uint32_t> slots(steps.size());
+            for (size_t i = 0; i < steps.size(); ++i) {
+              keys.mutable_data()[i] = steps[i].key;
+              slots.mutable_data()[i] = steps[i].slot;
+            }
+            return py::make_tuple(keys, slots);
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"), py::arg("pin") = false)
+      .def(
+          "release",
+          [](HostCache& c, U32s slots) {
+            require_1d(slots, "slots");
+            c.release(slots.data(), static_cast<size_t>(slots.size()));
+          },
+          py::arg("slots"))
+      .def(
+          "offload",
+          [](HostCache& c, U64s parents, U64s namespaces, Tokens tokens, I32s blocks, uintptr_t after_stream) {
+            const size_t n = static_cast<size_t>(blocks.size());
+            require_1d(blocks, "device_blocks");
+            if (static_cast<size_t>(parents.size()) != n || static_cast<size_t>(namespaces.size()) != n)
+              throw ConfigError(hostcache::concat("offload got ", n, " device blocks but ", parents.size(), " parents and ",
+                                       namespaces.size(), " namespaces; pass one of each per block"));
+            if (tokens.ndim() != 2 || static_cast<size_t>(tokens.shape(0)) != n ||
+                static_cast<size_t>(tokens.shape(1)) != c.block_tokens())
+              throw ConfigError(hostcache::concat("offload tokens must have shape (", n, ", ", c.block_tokens(),
+                                       "): one row of block_tokens ids per device block"));
+            OffloadResult r = c.offload(parents.data(), namespaces.data(), tokens.data(), blocks.data(), n, after_stream);
+            return py::make_tuple(r.transfer, to_array(r.keys), to_array(r.slots), r.created, r.existing, r.dropped);
+          },
+          py::arg("parents"), py::arg("namespaces"), py::arg("tokens"), py::arg("device_blocks"),
+          py::arg("after_stream") = 0)
+      .def(
+          "restore",
+          [](HostCache& c, U32s slots, I32s blocks, uintptr_t after_stream, bool release_match_pins) {
+            require_1d(slots, "slots");
+            require_1d(blocks, "device_blocks");
+            if (slots.size() != blocks.size())
+              throw ConfigError(hostcache::concat("restore got ", slots.size(), " slots but ", blocks.size(),
+                                       " device blocks; pass one destination block per slot"));
+            return c.restore(slots.data(), blocks.data(), static_cast<size_t>(slots.size()), after_stream,
+                             release_match_pins);
+          },
+          py::arg("slots"), py::arg("device_blocks"), py::arg("after_stream") = 0,
+          py::arg("release_match_pins") = false)
+      .def(
+          "slot_view",
+          [](HostCache& c, uint32_t slot) {
+            return py::memoryview::from_memory(c.slot_data(slot), static_cast<py::ssize_t>(c.slot_bytes()), false);
+          },
+          py::arg("slot"), py::keep_alive<0, 1>())
+      .def("poll", &HostCache::poll)
+      .def("wait", &HostCache::wait, py::call_guard<py::gil_scoped_release>())
+      .def("make_stream_wait", &HostCache::make_stream_wait)
+      .def("reap", &HostCache::reap)
+      .def("wait_all", &HostCache::wait_all, py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](HostCache& c) { return stats_dict(c.stats()); })
+      .def("inject_failures", &HostCache::inject_failures)
+      .def("check_invariants", &HostCache::check_invariants);
+}
