@@ -165,6 +165,17 @@ class HostCache:
         self.regions = [Region(*r) for r in triples]
         self.num_device_blocks = num_device_blocks
         self._core = _core.HostCache(opts, triples, num_device_blocks)
+        self._cuda_device = device if cuda else None
+
+    def _after(self, stream: Any) -> int:
+        """The stream a copy must follow. By default, for CUDA regions, the
+        caller's current torch stream: a copy then never races the kernels
+        the caller queued before it. Pass 0 to order after nothing."""
+        if stream is None and self._cuda_device is not None:
+            import torch  # only CUDA regions get here, and they came from torch or a CUDA caller
+
+            return int(torch.cuda.current_stream(self._cuda_device).cuda_stream)
+        return _stream_handle(stream)
 
     @classmethod
     def from_tensors(cls, config: HostCacheConfig, tensors: Sequence[Any], block_dim: int = 0) -> "HostCache":
@@ -202,7 +213,9 @@ class HostCache:
     def offload(self, tokens: Any, device_blocks: Any, parent: int = ROOT_KEY, namespace: int = 0,
                 after_stream: Any = None) -> OffloadResult:
         """Saves block i of `tokens` from device block device_blocks[i], for
-        each i < len(device_blocks); blocks already stored are not copied."""
+        each i < len(device_blocks); blocks already stored are not copied.
+        The copy starts after the work queued on `after_stream` (default:
+        the current CUDA stream for CUDA regions)."""
         blocks = np.ascontiguousarray(device_blocks, dtype=np.int32).reshape(-1)
         toks = as_tokens(tokens)
         n, bt = len(blocks), self.block_tokens
@@ -221,7 +234,7 @@ class HostCache:
         `tokens` is one block under parents[i] in namespaces[i]."""
         record, keys, slots, created, existing, dropped = self._core.offload(
             np.asarray(parents, dtype=np.uint64), np.asarray(namespaces, dtype=np.uint64), as_tokens(tokens),
-            np.asarray(device_blocks, dtype=np.int32), _stream_handle(after_stream))
+            np.asarray(device_blocks, dtype=np.int32), self._after(after_stream))
         return OffloadResult(Transfer(self, record), keys, slots, created, existing, dropped)
 
     def restore(self, match: Union[Match, Any], device_blocks: Any, after_stream: Any = None) -> Transfer:
@@ -232,7 +245,7 @@ class HostCache:
             match._held = False
         else:
             slots, take_pins = np.asarray(match, dtype=np.uint32), False
-        record = self._core.restore(slots, np.asarray(device_blocks, dtype=np.int32), _stream_handle(after_stream),
+        record = self._core.restore(slots, np.asarray(device_blocks, dtype=np.int32), self._after(after_stream),
                                     take_pins)
         return Transfer(self, record)
 

@@ -119,11 +119,38 @@ PYBIND11_MODULE(_core, m) {
             return py::make_tuple(status_name(r.status), r.key, r.slot);
           },
           py::arg("parent"), py::arg("namespace"), py::arg("tokens"))
+      .def(
+          "insert_chain",
+          [](PrefixIndex& ix, uint64_t parent, uint64_t ns, Tokens tokens) {
+            // Inserts and commits every full block: the index work of an
+            // offload without its copy (benchmarks, tests).
+            require_1d(tokens, "tokens");
+            const size_t bt = ix.block_tokens(), blocks = static_cast<size_t>(tokens.size()) / bt;
+            size_t created = 0;
+            for (size_t i = 0; i < blocks; ++i) {
+              const InsertResult r = ix.insert(parent, ns, tokens.data() + i * bt);
+              if (r.status == InsertStatus::kCreated) {
+                ix.commit(r.slot);
+                ++created;
+              }
+              parent = r.key;
+            }
+            return created;
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"))
       .def("commit", &PrefixIndex::commit)
       .def("discard", &PrefixIndex::discard)
       .def("pin", &PrefixIndex::pin)
       .def("unpin", &PrefixIndex::unpin)
       .def("evict_one", &PrefixIndex::evict_one)
+      .def(
+          "evict",
+          [](PrefixIndex& ix, size_t n) {
+            size_t done = 0;
+            while (done < n && ix.evict_one()) ++done;
+            return done;
+          },
+          py::arg("n"))
       .def("find", &PrefixIndex::find)
       .def("is_ready", &PrefixIndex::is_ready)
       .def("pins", &PrefixIndex::pins)
