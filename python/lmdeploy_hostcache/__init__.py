@@ -4,8 +4,10 @@ from __future__ import annotations
 from . import _core
 from ._core import available_ram_bytes, total_ram_bytes
 from .config import GiB, MiB, HostCacheConfig
-from .host_cache import ROOT_KEY, HostCache, Match, OffloadResult, Transfer, as_tokens
+from .binding import as_tokens
+from .host_cache import ROOT_KEY, HostCache, Match, OffloadResult, Transfer
 from .regions import Region, regions_from_tensor, regions_from_tensors
+from .slot_store import SlotStore, StoreTransfer
 
 __version__ = "0.1.0"
 
@@ -20,7 +22,7 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "GiB", "MiB", "HostCacheConfig", "HostCache", "Match", "OffloadResult", "Transfer", "Region", "ROOT_KEY",
+    "GiB", "MiB", "HostCacheConfig", "SlotStore", "StoreTransfer", "HostCache", "Match", "OffloadResult", "Transfer", "Region", "ROOT_KEY",
     "regions_from_tensor", "regions_from_tensors", "as_tokens", "build_info", "available_ram_bytes",
     "total_ram_bytes",
 ]

@@ -160,19 +160,81 @@ PYBIND11_MODULE(_core, m) {
   py::enum_<PinMode>(m, "PinMode").value("off", PinMode::kOff).value("lazy", PinMode::kLazy).value("eager", PinMode::kEager);
   py::enum_<CopyPath>(m, "CopyPath").value("kernel", CopyPath::kKernel).value("memcpy", CopyPath::kMemcpy);
 
-  py::class_<HostCacheOptions>(m, "Options")
+  py::class_<SlotStoreOptions>(m, "StoreOptions")
       .def(py::init<>())
-      .def_readwrite("capacity_bytes", &HostCacheOptions::capacity_bytes)
-      .def_readwrite("reserve_bytes", &HostCacheOptions::reserve_bytes)
+      .def_readwrite("capacity_bytes", &SlotStoreOptions::capacity_bytes)
+      .def_readwrite("reserve_bytes", &SlotStoreOptions::reserve_bytes)
+      .def_readwrite("cuda", &SlotStoreOptions::cuda)
+      .def_readwrite("device", &SlotStoreOptions::device)
+      .def_readwrite("pin_mode", &SlotStoreOptions::pin_mode)
+      .def_readwrite("copy_path", &SlotStoreOptions::copy_path)
+      .def_readwrite("cpu_workers", &SlotStoreOptions::cpu_workers)
+      .def_readwrite("pin_chunk_bytes", &SlotStoreOptions::pin_chunk_bytes)
+      .def_readwrite("capacity_setting", &SlotStoreOptions::capacity_setting);
+
+  py::class_<HostCacheOptions, SlotStoreOptions>(m, "Options")
+      .def(py::init<>())
       .def_readwrite("block_tokens", &HostCacheOptions::block_tokens)
-      .def_readwrite("cuda", &HostCacheOptions::cuda)
-      .def_readwrite("device", &HostCacheOptions::device)
-      .def_readwrite("pin_mode", &HostCacheOptions::pin_mode)
-      .def_readwrite("copy_path", &HostCacheOptions::copy_path)
-      .def_readwrite("cpu_workers", &HostCacheOptions::cpu_workers)
-      .def_readwrite("pin_chunk_bytes", &HostCacheOptions::pin_chunk_bytes)
-      .def_readwrite("checksum", &HostCacheOptions::checksum)
-      .def_readwrite("capacity_setting", &HostCacheOptions::capacity_setting);
+      .def_readwrite("checksum", &HostCacheOptions::checksum);
+
+  py::class_<Transfer, std::shared_ptr<Transfer>>(m, "EngineTransfer", "One batched copy of a SlotStore.")
+      .def("done", &Transfer::done)
+      .def("wait", &Transfer::wait, py::call_guard<py::gil_scoped_release>())
+      .def("error", &Transfer::error)
+      .def("make_stream_wait", &Transfer::make_stream_wait, py::arg("stream"));
+
+  py::class_<SlotStore>(m, "SlotStore", "Host slots and their copy engine, addressed by slot id (no index).")
+      .def(py::init([](const SlotStoreOptions& o, const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& regions,
+                       uint64_t num_device_blocks) {
+             std::vector<Region> rs;
+             for (auto& [base, stride, bytes] : regions) rs.push_back({base, stride, bytes});
+             return std::make_unique<SlotStore>(o, std::move(rs), num_device_blocks);
+           }),
+           py::arg("options"), py::arg("regions"), py::arg("num_device_blocks"))
+      .def_property_readonly("num_slots", &SlotStore::num_slots)
+      .def_property_readonly("slot_bytes", &SlotStore::slot_bytes)
+      .def(
+          "submit",
+          [](SlotStore& st, const std::string& direction, U32s slots, I32s blocks, uintptr_t after_stream) {
+            require_1d(slots, "slots");
+            require_1d(blocks, "device_blocks");
+            if (slots.size() != blocks.size())
+              throw ConfigError(hostcache::concat("got ", slots.size(), " slots but ", blocks.size(),
+                                                  " device blocks; pass one device block per slot"));
+            if (direction != "offload" && direction != "restore")
+              throw ConfigError(hostcache::concat("direction must be 'offload' or 'restore', got '", direction, "'"));
+            std::vector<BlockCopy> copies(static_cast<size_t>(slots.size()));
+            for (size_t i = 0; i < copies.size(); ++i) {
+              if (blocks.data()[i] < 0)
+                throw ConfigError(hostcache::concat("device block ", blocks.data()[i], " is negative"));
+              copies[i] = {slots.data()[i], static_cast<uint32_t>(blocks.data()[i])};
+            }
+            st.check_copies(copies);
+            return st.submit(direction == "offload" ? Direction::kOffload : Direction::kRestore, copies, after_stream);
+          },
+          py::arg("direction"), py::arg("slots"), py::arg("device_blocks"), py::arg("after_stream") = 0)
+      .def(
+          "slot_view",
+          [](SlotStore& st, uint32_t slot) {
+            return py::memoryview::from_memory(st.slot_data(slot), static_cast<py::ssize_t>(st.slot_bytes()), false);
+          },
+          py::arg("slot"), py::keep_alive<0, 1>())
+      .def("slot_checksum", &SlotStore::slot_checksum)
+      .def("block_checksum", &SlotStore::block_checksum)
+      .def("stats", [](const SlotStore& st) {
+        const StoreStats s = st.stats();
+        py::dict d;
+        d["slots_total"] = s.slots_total;
+        d["slot_bytes"] = s.slot_bytes;
+        d["slot_stride"] = s.slot_stride;
+        d["pool_bytes"] = s.pool_bytes;
+        d["pinned"] = s.pinned;
+        d["pinned_bytes"] = s.pinned_bytes;
+        d["pin_mode"] = s.pin_mode;
+        d["pin_error"] = s.pin_error;
+        d["copy_engine"] = s.copy_engine;
+        return d;
+      });
 
   py::class_<TransferRecord, std::shared_ptr<TransferRecord>>(m, "TransferRecord")
       .def_readonly("id", &TransferRecord::id)

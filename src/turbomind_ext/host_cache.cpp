@@ -3,54 +3,13 @@
 #include <unordered_set>
 
 #include "block_key.h"
-#include "cpu_copy_engine.h"
 #include "errors.h"
-#include "xxh64.h"
 
 namespace hostcache {
 
-namespace {
-
-std::unique_ptr<HostArena> make_arena(const HostCacheOptions& o, const RegionTable& regions) {
-  std::unique_ptr<Pinner> pinner;
-  if (o.cuda) {
-    const DeviceInfo info = device_info();
-    HC_REQUIRE(info.gpu_usable, "the cache regions are CUDA memory but no GPU is usable: ", info.reason,
-               "; use CPU tensors (device='cpu') on this machine");
-    if (o.pin_mode != PinMode::kOff) pinner = make_cuda_pinner(o.device);
-  }
-  ArenaOptions a;
-  a.capacity_bytes = o.capacity_bytes;
-  a.reserve_bytes = o.reserve_bytes;
-  a.slot_bytes = regions.slot_bytes();
-  a.chunk_bytes = o.pin_chunk_bytes;
-  a.pin_mode = o.pin_mode;
-  a.capacity_setting = o.capacity_setting;
-  return std::make_unique<HostArena>(a, std::move(pinner));
-}
-
-const char* pin_mode_name(PinMode m) {
-  switch (m) {
-    case PinMode::kOff: return "off";
-    case PinMode::kLazy: return "lazy";
-    case PinMode::kEager: return "eager";
-  }
-  return "?";
-}
-
-}  // namespace
-
 HostCache::HostCache(const HostCacheOptions& o, std::vector<Region> regions, uint64_t num_device_blocks)
-    : options_(o),
-      regions_(std::move(regions), num_device_blocks),
-      arena_(make_arena(o, regions_)),
-      index_(arena_->num_slots(), o.block_tokens) {
-  if (o.cuda) engine_ = make_cuda_copy_engine(regions_, *arena_, o.device, o.copy_path);
-  else engine_ = std::make_unique<CpuCopyEngine>(regions_, *arena_, o.cpu_workers);
-  if (o.checksum) {
-    checksums_.assign(arena_->num_slots(), 0);
-    scratch_.resize(regions_.slot_bytes());
-  }
+    : options_(o), store_(o, std::move(regions), num_device_blocks), index_(store_.num_slots(), o.block_tokens) {
+  if (o.checksum) checksums_.assign(store_.num_slots(), 0);
 }
 
 HostCache::~HostCache() {
@@ -61,11 +20,6 @@ HostCache::~HostCache() {
     settle(*t);
   }
   in_flight_.clear();
-}
-
-uint8_t* HostCache::slot_data(uint32_t slot) const {
-  HC_REQUIRE(slot < arena_->num_slots(), "slot ", slot, " is outside the pool of ", arena_->num_slots(), " slots");
-  return arena_->slot(slot);
 }
 
 std::vector<uint64_t> HostCache::block_keys(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n) const {
@@ -99,7 +53,7 @@ void HostCache::release(const uint32_t* slots, size_t n) {
 
 OffloadResult HostCache::offload(const uint64_t* parents, const uint64_t* namespaces, const int32_t* tokens,
                                  const int32_t* device_blocks, size_t n, uintptr_t after_stream) {
-  for (size_t i = 0; i < n; ++i) regions_.check_block(device_blocks[i]);
+  for (size_t i = 0; i < n; ++i) store_.regions().check_block(device_blocks[i]);
   std::lock_guard<std::mutex> lock(mu_);
   reap_locked();
   OffloadResult r;
@@ -112,7 +66,6 @@ OffloadResult HostCache::offload(const uint64_t* parents, const uint64_t* namesp
     r.keys[i] = ins.key;
     switch (ins.status) {
       case InsertStatus::kCreated:
-        arena_->prepare(ins.slot);
         copies.push_back({ins.slot, static_cast<uint32_t>(device_blocks[i])});
         r.slots[i] = ins.slot;
         r.created++;
@@ -138,7 +91,7 @@ std::shared_ptr<TransferRecord> HostCache::restore(const uint32_t* slots, const 
                                                    uintptr_t after_stream, bool release_match_pins) {
   std::unordered_set<int32_t> seen;
   for (size_t i = 0; i < n; ++i) {
-    regions_.check_block(device_blocks[i]);
+    store_.regions().check_block(device_blocks[i]);
     HC_REQUIRE(seen.insert(device_blocks[i]).second, "device block ", device_blocks[i],
                " appears twice among the restore destinations; give each slot its own block");
   }
@@ -153,19 +106,9 @@ std::shared_ptr<TransferRecord> HostCache::restore(const uint32_t* slots, const 
   std::vector<BlockCopy> copies(n);
   for (size_t i = 0; i < n; ++i) {
     index_.pin(slots[i]);
-    arena_->prepare(slots[i]);
     copies[i] = {slots[i], static_cast<uint32_t>(device_blocks[i])};
   }
   return submit(Direction::kRestore, std::move(copies), after_stream, release_match_pins);
-}
-
-void HostCache::order_after_prior_use(const std::vector<BlockCopy>& copies) {
-  if (engine_->ordered()) return;
-  for (const BlockCopy& c : copies) {
-    auto it = last_use_.find(c.block);
-    if (it == last_use_.end()) continue;
-    if (auto prior = it->second.lock()) prior->wait();
-  }
 }
 
 std::shared_ptr<TransferRecord> HostCache::submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream,
@@ -184,27 +127,18 @@ std::shared_ptr<TransferRecord> HostCache::submit(Direction dir, std::vector<Blo
     t->finished = t->ok = true;
     return t;
   }
-  order_after_prior_use(t->copies);
   try {
-    t->engine = engine_->submit(dir, t->copies, after_stream);
+    t->engine = store_.submit(dir, t->copies, after_stream);
   } catch (const std::exception& e) {
     // Nothing was queued: settle now so the slots are released at once.
     t->error = e.what();
     settle(*t);
     return t;
   }
-  for (const BlockCopy& c : t->copies) last_use_[c.block] = t->engine;
   if (dir == Direction::kOffload) counters_.offload_transfers++;
   else counters_.restore_transfers++;
   in_flight_.push_back(t);
   return t;
-}
-
-uint64_t HostCache::slot_checksum(uint32_t slot) const { return xxh64(arena_->slot(slot), regions_.slot_bytes(), 0); }
-
-uint64_t HostCache::block_checksum(uint32_t block) {
-  engine_->read_block(block, scratch_.data());
-  return xxh64(scratch_.data(), scratch_.size(), 0);
 }
 
 void HostCache::settle(TransferRecord& t) {
@@ -212,12 +146,12 @@ void HostCache::settle(TransferRecord& t) {
   if (t.engine && t.error.empty()) t.error = t.engine->error();
   if (t.error.empty() && t.injected_failure) t.error = "injected transfer failure (test hook)";
   t.ok = t.error.empty();
-  const uint64_t bytes = t.copies.size() * regions_.slot_bytes();
+  const uint64_t bytes = t.copies.size() * store_.slot_bytes();
   const bool offload = t.direction == Direction::kOffload;
   if (offload) {
     for (const BlockCopy& c : t.copies) {
       if (t.ok) {
-        if (options_.checksum) checksums_[c.slot] = slot_checksum(c.slot);
+        if (options_.checksum) checksums_[c.slot] = store_.slot_checksum(c.slot);
         index_.commit(c.slot);
       } else {
         index_.discard(c.slot);
@@ -226,7 +160,7 @@ void HostCache::settle(TransferRecord& t) {
     }
   } else {
     for (const BlockCopy& c : t.copies) {
-      if (t.ok && options_.checksum && block_checksum(c.block) != checksums_[c.slot]) {
+      if (t.ok && options_.checksum && store_.block_checksum(c.block) != checksums_[c.slot]) {
         counters_.checksum_failures++;
         if (t.ok) t.error = concat("checksum mismatch restoring slot ", c.slot, " into device block ", c.block);
         index_.discard(c.slot);
@@ -310,17 +244,18 @@ Stats HostCache::stats() {
   s.slots_total = index_.capacity();
   s.slots_used = index_.used();
   s.slots_free = s.slots_total - s.slots_used;
-  s.slot_bytes = regions_.slot_bytes();
-  s.slot_stride = arena_->slot_stride();
-  s.pool_bytes = arena_->mapped_bytes();
+  const StoreStats st = store_.stats();
+  s.slot_bytes = st.slot_bytes;
+  s.slot_stride = st.slot_stride;
+  s.pool_bytes = st.pool_bytes;
   s.evictions = index_.evictions();
   s.collisions = index_.collisions();
   s.transfers_in_flight = static_cast<uint32_t>(in_flight_.size());
-  s.pinned = arena_->pinning() && arena_->pin_error().empty();
-  s.pinned_bytes = arena_->pinned_bytes();
-  s.pin_mode = arena_->pinning() ? pin_mode_name(arena_->pin_mode()) : "off";
-  s.pin_error = arena_->pin_error();
-  s.copy_engine = engine_->name();
+  s.pinned = st.pinned;
+  s.pinned_bytes = st.pinned_bytes;
+  s.pin_mode = st.pin_mode;
+  s.pin_error = st.pin_error;
+  s.copy_engine = st.copy_engine;
   return s;
 }
 

@@ -4,7 +4,7 @@
 //  - an offloaded slot becomes matchable only after its copy completed (C1);
 //  - every slot a queued or running transfer touches is pinned (C2);
 //  - on an unordered engine, a transfer on a device block waits for the
-//    previous transfer on that block (C3 inside the tier);
+//    previous transfer on that block (C3 inside the tier; SlotStore does it);
 //  - checksum mode proves restored bytes equal offloaded bytes (C4);
 //  - a failed copy discards or unpins its slots and reports ok=false, so
 //    the caller recomputes; no slot is leaked (C6).
@@ -26,21 +26,13 @@
 #include "host_arena.h"
 #include "prefix_index.h"
 #include "regions.h"
+#include "slot_store.h"
 
 namespace hostcache {
 
-struct HostCacheOptions {
-  uint64_t capacity_bytes = 0;
-  uint64_t reserve_bytes = 2ull << 30;
+struct HostCacheOptions : SlotStoreOptions {
   uint32_t block_tokens = 64;
-  bool cuda = false;  // regions are CUDA device memory
-  int device = 0;
-  PinMode pin_mode = PinMode::kLazy;
-  CopyPath copy_path = CopyPath::kKernel;
-  unsigned cpu_workers = 2;
-  uint64_t pin_chunk_bytes = 256ull << 20;
   bool checksum = false;
-  std::string capacity_setting = "capacity_bytes";
 };
 
 struct TransferRecord {
@@ -89,10 +81,10 @@ class HostCache {
   HostCache& operator=(const HostCache&) = delete;
 
   uint32_t block_tokens() const { return index_.block_tokens(); }
-  uint64_t slot_bytes() const { return regions_.slot_bytes(); }
-  uint32_t num_slots() const { return arena_->num_slots(); }
+  uint64_t slot_bytes() const { return store_.slot_bytes(); }
+  uint32_t num_slots() const { return store_.num_slots(); }
   // A slot's bytes (tests and debugging: what host memory holds).
-  uint8_t* slot_data(uint32_t slot) const;
+  uint8_t* slot_data(uint32_t slot) const { return store_.slot_data(slot); }
 
   // Keys of the full blocks of tokens[0, n), chained from parent.
   std::vector<uint64_t> block_keys(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n) const;
@@ -124,20 +116,13 @@ class HostCache {
                                          bool release_match_pins);
   void settle(TransferRecord& t);  // mu_ held
   size_t reap_locked();
-  void order_after_prior_use(const std::vector<BlockCopy>& copies);
-  uint64_t slot_checksum(uint32_t slot) const;
-  uint64_t block_checksum(uint32_t block);
 
   HostCacheOptions options_;
-  RegionTable regions_;
-  std::unique_ptr<HostArena> arena_;
+  SlotStore store_;
   PrefixIndex index_;
-  std::unique_ptr<CopyEngine> engine_;
   std::mutex mu_;
   std::vector<std::shared_ptr<TransferRecord>> in_flight_;
-  std::unordered_map<uint32_t, std::weak_ptr<Transfer>> last_use_;  // device block -> last transfer
   std::vector<uint64_t> checksums_;
-  std::vector<uint8_t> scratch_;
   uint64_t next_id_ = 1;
   uint32_t failures_to_inject_ = 0;
   Stats counters_;

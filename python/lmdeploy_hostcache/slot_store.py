@@ -1,0 +1,87 @@
+"""SlotStore: host slots and their copy engine, addressed by slot id.
+
+For engines whose scheduler keeps the prefix index in another place (or
+process) than the KV pools: the scheduler decides which slot holds which
+block and ships copy plans; each rank executes them on its own SlotStore.
+On the CUDA engine copies run in submission order on one stream, so a
+restore queued after the offload of the same slot reads the finished bytes.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .binding import after_stream_handle, config_for_tensors, core_options, stream_handle
+from .config import HostCacheConfig
+from .regions import Region
+
+
+class StoreTransfer:
+    """One batched copy of a SlotStore."""
+
+    def __init__(self, handle: Any, direction: str, num_blocks: int):
+        self._handle = handle
+        self.direction = direction
+        self.num_blocks = num_blocks
+
+    def done(self) -> bool:
+        return self._handle.done()
+
+    def wait(self) -> bool:
+        """Blocks until finished; returns whether every byte arrived."""
+        self._handle.wait()
+        return not self._handle.error()
+
+    @property
+    def error(self) -> str:
+        return self._handle.error() if self._handle.done() else ""
+
+    def wait_on_stream(self, stream: Any) -> None:
+        """Makes work queued later on `stream` wait for this copy (CUDA)."""
+        self._handle.make_stream_wait(stream_handle(stream))
+
+
+class SlotStore:
+    def __init__(self, config: HostCacheConfig, regions: Sequence[Union[Region, tuple]], num_device_blocks: int):
+        opts, triples, cuda, device = core_options(config, regions, num_device_blocks, _core.StoreOptions())
+        self.config = config
+        self.num_device_blocks = num_device_blocks
+        self._core = _core.SlotStore(opts, triples, num_device_blocks)
+        self._cuda_device = device if cuda else None
+
+    @classmethod
+    def from_tensors(cls, config: HostCacheConfig, tensors: Sequence[Any], block_dim: int = 0) -> "SlotStore":
+        config, regions, num_blocks = config_for_tensors(config, tensors, block_dim)
+        store = cls(config, regions, num_blocks)
+        store._tensors = list(tensors)  # the memory must outlive the store
+        return store
+
+    @property
+    def num_slots(self) -> int:
+        return self._core.num_slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._core.slot_bytes
+
+    def offload(self, slots: Any, device_blocks: Any, after_stream: Any = None) -> StoreTransfer:
+        """Copies device_blocks[i] into slots[i]."""
+        return self._submit("offload", slots, device_blocks, after_stream)
+
+    def restore(self, slots: Any, device_blocks: Any, after_stream: Any = None) -> StoreTransfer:
+        """Copies slots[i] into device_blocks[i]."""
+        return self._submit("restore", slots, device_blocks, after_stream)
+
+    def _submit(self, direction: str, slots: Any, device_blocks: Any, after_stream: Any) -> StoreTransfer:
+        s = np.ascontiguousarray(slots, dtype=np.uint32).reshape(-1)
+        b = np.ascontiguousarray(device_blocks, dtype=np.int32).reshape(-1)
+        handle = self._core.submit(direction, s, b, after_stream_handle(after_stream, self._cuda_device))
+        return StoreTransfer(handle, direction, len(s))
+
+    def slot_view(self, slot: int) -> np.ndarray:
+        return np.frombuffer(self._core.slot_view(int(slot)), dtype=np.uint8)
+
+    def stats(self) -> dict:
+        return self._core.stats()

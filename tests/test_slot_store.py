@@ -1,0 +1,36 @@
+"""SlotStore: copies addressed by slot id, without an index."""
+from __future__ import annotations
+
+import pytest
+
+from kv_layouts import KVPool, KVShape
+from lmdeploy_hostcache import HostCacheConfig, SlotStore
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int4"])
+def test_slot_round_trip(dtype):
+    pool = KVPool(KVShape(dtype=dtype), num_blocks=16)
+    slot = sum(r.bytes for r in pool.regions())
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=8 * ((slot + 255) // 256 * 256)), pool.tensors,
+                                   pool.block_dim)
+    assert store.num_slots == 8 and store.slot_bytes == slot
+    saved = [pool.block_bytes(b) for b in (3, 4, 5)]
+    t = store.offload([7, 0, 2], [3, 4, 5])
+    # queued without waiting: a restore of the same slots into other blocks,
+    # then an overwrite of a slot while the restore may still read it
+    r = store.restore([7, 0, 2], [10, 11, 12])
+    assert t.wait() and r.wait()
+    assert [pool.block_bytes(b) for b in (10, 11, 12)] == saved
+    assert [store.slot_view(s).tobytes() for s in (7, 0, 2)] == saved
+    assert store.stats()["slots_total"] == 8
+
+
+def test_slot_store_bad_input():
+    pool = KVPool(KVShape(dtype="int4"), num_blocks=4)
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=1 << 20), pool.tensors, pool.block_dim)
+    with pytest.raises(ValueError, match="slot 99 is outside the pool"):
+        store.offload([99], [0])
+    with pytest.raises(ValueError, match="device block 4 is outside"):
+        store.restore([0], [4])
+    with pytest.raises(ValueError, match="2 slots but 1 device blocks"):
+        store.offload([0, 1], [0])
