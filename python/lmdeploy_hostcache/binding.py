@@ -28,8 +28,13 @@ def as_tokens(tokens: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+# cudaStreamLegacy: torch reports its default stream as handle 0, which the
+# core reads as "no stream"; the legacy default stream's own handle is 1.
+CUDA_STREAM_LEGACY = 1
+
+
 def stream_handle(stream: Any) -> int:
-    """0 for none, else the raw cudaStream_t of an int or a torch.cuda.Stream."""
+    """A raw cudaStream_t from an int (0 = none) or a torch.cuda.Stream."""
     if stream is None:
         return 0
     if isinstance(stream, int):
@@ -37,7 +42,7 @@ def stream_handle(stream: Any) -> int:
     handle = getattr(stream, "cuda_stream", None)
     if handle is None:
         raise TypeError(f"expected a torch.cuda.Stream or a raw stream handle, got {type(stream).__name__}")
-    return int(handle)
+    return int(handle) or CUDA_STREAM_LEGACY
 
 
 def core_options(config: HostCacheConfig, regions: Sequence[Union[Region, tuple]], num_device_blocks: int,
@@ -73,7 +78,7 @@ def after_stream_handle(stream: Any, cuda_device: Optional[int]) -> int:
     if stream is None and cuda_device is not None:
         import torch  # only CUDA regions get here, and they came from torch or a CUDA caller
 
-        return int(torch.cuda.current_stream(cuda_device).cuda_stream)
+        return stream_handle(torch.cuda.current_stream(cuda_device))
     return stream_handle(stream)
 
 

@@ -10,11 +10,12 @@
 //
 // Memcpy path: cudaMemcpyBatchAsync with every piece in one call, or one
 // cudaMemcpyAsync per piece where the driver refuses batches. It is also the
-// fallback of the kernel path when a slot is not pinned and mapped.
+// fallback of the kernel path when a slot is not pinned and mapped, no copy
+// list is free, or the list upload or launch fails (nothing of the copy ran
+// then); name() counts such transfers so the fallback is never silent.
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -37,6 +38,9 @@ constexpr uint32_t kThreads = 512;
 constexpr uint32_t kWarpsPerCta = kThreads / kWarp;
 constexpr int kDefaultCtas = 16;
 constexpr size_t kMinStagingEntries = 4096;
+// Made at start: allocating pinned or device memory later, mid-serving, may
+// serialise the device's streams (the forward included) while it runs.
+constexpr size_t kInitialStagingBuffers = 4;
 constexpr size_t kMaxStagingBuffers = 64;
 constexpr uint64_t kUnreachable = ~0ull;
 
@@ -303,9 +307,17 @@ class CudaCopyEngine final : public CopyEngine {
   std::shared_ptr<Transfer> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream) override;
   bool ordered() const override { return true; }
   void read_block(uint32_t block, uint8_t* dst) override;
+  // The path the transfers actually took: a kernel engine that copied some
+  // transfers with memcpy, or a memcpy engine whose batches were refused,
+  // says so and why (stats()["copy_engine"]).
   std::string name() const override {
-    if (path_ == CopyPath::kKernel) return "cuda-kernel";
-    return batch_unsupported_.load() ? "cuda-memcpy" : "cuda-memcpy-batch";
+    std::lock_guard<std::mutex> lock(mu_);
+    if (path_ == CopyPath::kKernel) {
+      if (fallback_transfers_ == 0) return "cuda-kernel";
+      return concat("cuda-kernel (", fallback_transfers_, " of ", transfers_, " transfers by memcpy, last because ",
+                    fallback_reason_, ")");
+    }
+    return batch_off_reason_.empty() ? "cuda-memcpy-batch" : concat("cuda-memcpy (", batch_off_reason_, ")");
   }
 
  private:
@@ -318,6 +330,7 @@ class CudaCopyEngine final : public CopyEngine {
   uint64_t slot_device_address(uint32_t slot);
   std::string enqueue_kernel(Direction dir, const std::vector<Entry>& entries, Staging& st);
   std::string enqueue_memcpy(Direction dir, const std::vector<BlockCopy>& copies);
+  void note_fallback(std::string why);
 
   const RegionTable& regions_;
   HostArena& arena_;
@@ -325,9 +338,12 @@ class CudaCopyEngine final : public CopyEngine {
   const CopyPath path_;
   int max_ctas_ = kDefaultCtas;
   uint32_t units_per_slot_ = 0;
-  std::atomic<bool> batch_unsupported_{false};
 
-  std::mutex mu_;  // submit: staging pool, slot cache, dependency event
+  mutable std::mutex mu_;  // submit: staging pool, slot cache, dependency event, path notes
+  std::string batch_off_reason_;  // non-empty: copy piece by piece, never batch again
+  uint64_t transfers_ = 0;           // submitted with something to copy
+  uint64_t fallback_transfers_ = 0;  // of those, kernel engine only: copied by memcpy
+  std::string fallback_reason_;      // why the last one was
   Stream stream_;
   Event dep_event_;
   std::shared_ptr<EventPool> events_;
@@ -365,7 +381,24 @@ void CudaCopyEngine::init() {
   // copy piece by piece there, as it does.
   int major = 0;
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_), "querying the compute capability");
-  if (major >= 10) batch_unsupported_ = true;
+  if (major >= 10) batch_off_reason_ = "batched copies are off on compute capability 10 and later";
+
+  if (path_ == CopyPath::kKernel) {
+    // A build without code for this GPU would fail every launch (and every
+    // transfer with it): refuse at start, saying what to change.
+    cudaFuncAttributes fa{};
+    cudaError_t e = cudaFuncGetAttributes(&fa, copy_blocks_kernel<true>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, copy_blocks_kernel<false>);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      int minor = 0;
+      if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_) != cudaSuccess) cudaGetLastError();
+      throw ConfigError(concat("the copy kernel cannot run on CUDA device ", device_, " (compute capability ", major, ".",
+                               minor, "): ", cuda::error_text(e),
+                               "; use copy_path='memcpy', or rebuild with CMAKE_CUDA_ARCHITECTURES including ", major,
+                               minor));
+    }
+  }
 
   if (const char* env = std::getenv("HOSTCACHE_KERNEL_CTAS")) {
     const long v = std::strtol(env, nullptr, 10);
@@ -385,7 +418,7 @@ void CudaCopyEngine::init() {
 
   if (path_ == CopyPath::kKernel) {
     upload_tables();
-    staging_.push_back(make_staging(kMinStagingEntries));
+    for (size_t i = 0; i < kInitialStagingBuffers; ++i) staging_.push_back(make_staging(kMinStagingEntries));
     slot_dev_.assign(arena_.num_slots(), 0);
   }
 }
@@ -511,23 +544,35 @@ std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<Bloc
   }
   if (copies.empty()) return std::make_shared<CudaTransfer>(events_, Event(), device_);
 
-  // Everything that can throw happens before the first enqueue.
+  // Everything that can throw happens before a copy is enqueued (the stream
+  // wait and the copy-list upload below touch no slot and no block).
   cuda::ScopedDevice guard(device_);
   check(guard.status(), concat("selecting CUDA device ", device_));
   auto transfer = std::make_shared<CudaTransfer>(events_, events_->acquire(), device_);
 
   bool use_kernel = path_ == CopyPath::kKernel;
+  std::string why_not;  // kernel engine: why this transfer goes by memcpy
   std::vector<Entry> entries;
   if (use_kernel) entries.reserve(copies.size());
   for (const BlockCopy& c : copies) {
     const bool pinned = arena_.prepare(c.slot);  // pins lazily, for both paths
     if (!use_kernel) continue;
     const uint64_t addr = pinned ? slot_device_address(c.slot) : 0;
-    if (addr == 0) use_kernel = false;  // pageable: only the copy engines can reach it
-    else entries.push_back({addr, c.block});
+    if (addr == 0) {  // pageable: only the copy engines can reach it
+      use_kernel = false;
+      if (pinned) why_not = "a slot has no device mapping";
+      else if (!arena_.pinning()) why_not = "the pool is not pinned (pin='off')";
+      else if (!arena_.pin_error().empty()) why_not = "pinning failed (see pin_error)";
+      else why_not = "a slot is not pinned";
+    } else {
+      entries.push_back({addr, c.block});
+    }
   }
   Staging* st = use_kernel ? acquire_staging(entries.size()) : nullptr;
-  if (st == nullptr) use_kernel = false;
+  if (use_kernel && st == nullptr) {
+    use_kernel = false;
+    why_not = "no copy list was free";
+  }
 
   if (after_stream != 0) {
     cudaError_t e = cudaEventRecord(dep_event_.get(), reinterpret_cast<cudaStream_t>(after_stream));
@@ -535,9 +580,21 @@ std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<Bloc
     check(e, concat("ordering the copy after stream ", hex(after_stream)));
   }
 
-  // From here on nothing throws: a failure is reported through the transfer,
-  // whose event still covers whatever part was queued.
-  std::string error = use_kernel ? enqueue_kernel(dir, entries, *st) : enqueue_memcpy(dir, copies);
+  ++transfers_;
+  std::string error;
+  if (use_kernel) {
+    // A failed upload or launch ran none of the copy: do it by memcpy instead.
+    std::string failed = enqueue_kernel(dir, entries, *st);
+    if (!failed.empty()) {
+      use_kernel = false;
+      note_fallback(std::move(failed));
+    }
+  } else if (path_ == CopyPath::kKernel) {
+    note_fallback(std::move(why_not));
+  }
+  // From here on nothing throws once a piece is queued: a failure is
+  // reported through the transfer, whose event covers whatever was queued.
+  if (!use_kernel) error = enqueue_memcpy(dir, copies);
   const cudaError_t e = cudaEventRecord(transfer->event(), stream_.get());
   if (e != cudaSuccess) {
     cudaGetLastError();
@@ -551,6 +608,11 @@ std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<Bloc
     transfer->set_error(std::move(error));
   }
   return transfer;
+}
+
+void CudaCopyEngine::note_fallback(std::string why) {
+  ++fallback_transfers_;
+  fallback_reason_ = std::move(why);
 }
 
 std::string CudaCopyEngine::enqueue_kernel(Direction dir, const std::vector<Entry>& entries, Staging& st) {
@@ -572,6 +634,7 @@ std::string CudaCopyEngine::enqueue_kernel(Direction dir, const std::vector<Entr
   KernelArgs args{static_cast<const DevRegion*>(dev_regions_.get()),
                   static_cast<const uint32_t*>(dev_unit_region_.get()), static_cast<const Entry*>(st.dev.get()),
                   static_cast<uint64_t>(entries.size()) * units_per_slot_, units_per_slot_};
+  if (args.total_units == 0) return {};  // an empty grid is a launch error, not a no-op
   const uint64_t ctas = std::min<uint64_t>(max_ctas_, (args.total_units + kWarpsPerCta - 1) / kWarpsPerCta);
   cudaGetLastError();  // drop a stale error so the check below is about this launch
   if (dir == Direction::kOffload)
@@ -613,7 +676,7 @@ std::string CudaCopyEngine::enqueue_memcpy(Direction dir, const std::vector<Bloc
   }
 
   std::string batch_note;
-  if (!batch_unsupported_.load()) {
+  if (batch_off_reason_.empty()) {
     // One attribute for every piece. Stream order: the source is written by
     // work queued before (the forward, via after_stream). Location hints stay
     // zero: they apply only to managed or unregistered memory, and a zeroed
@@ -626,10 +689,11 @@ std::string CudaCopyEngine::enqueue_memcpy(Direction dir, const std::vector<Bloc
         cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), sizes.size(), &attr, &attr_index, 1, stream_.get());
     if (e == cudaSuccess) return {};
     cudaGetLastError();
-    // Not supported here: never try again. Anything else: retry copy by copy
-    // now (copying a piece twice is harmless) and try a batch next time.
-    if (e == cudaErrorNotSupported || e == cudaErrorCallRequiresNewerDriver) batch_unsupported_ = true;
-    batch_note = concat(" (after cudaMemcpyBatchAsync failed: ", cuda::error_text(e), ")");
+    // Retry copy by copy now (copying a piece twice is harmless) and never
+    // batch again: an argument the driver refuses once it refuses every
+    // time, and retrying would cost a failed call per transfer unseen.
+    batch_off_reason_ = concat("cudaMemcpyBatchAsync failed: ", cuda::error_text(e));
+    batch_note = concat(" (after ", batch_off_reason_, ")");
   }
   for (size_t i = 0; i < sizes.size(); ++i) {
     const cudaError_t e = cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream_.get());

@@ -141,6 +141,16 @@ std::shared_ptr<TransferRecord> HostCache::submit(Direction dir, std::vector<Blo
   return t;
 }
 
+bool HostCache::restored_intact(const BlockCopy& c) {
+  // Reading the block back can fail (a device error); settle must not throw
+  // halfway, so an unreadable block counts as a mismatch.
+  try {
+    return store_.block_checksum(c.block) == checksums_[c.slot];
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 void HostCache::settle(TransferRecord& t) {
   if (t.finished) return;
   if (t.engine && t.error.empty()) t.error = t.engine->error();
@@ -160,9 +170,9 @@ void HostCache::settle(TransferRecord& t) {
     }
   } else {
     for (const BlockCopy& c : t.copies) {
-      if (t.ok && options_.checksum && store_.block_checksum(c.block) != checksums_[c.slot]) {
+      if (t.ok && options_.checksum && !restored_intact(c)) {
         counters_.checksum_failures++;
-        if (t.ok) t.error = concat("checksum mismatch restoring slot ", c.slot, " into device block ", c.block);
+        if (t.error.empty()) t.error = concat("checksum mismatch restoring slot ", c.slot, " into device block ", c.block);
         index_.discard(c.slot);
       }
       index_.unpin(c.slot);

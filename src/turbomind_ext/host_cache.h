@@ -114,7 +114,8 @@ class HostCache {
  private:
   std::shared_ptr<TransferRecord> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream,
                                          bool release_match_pins);
-  void settle(TransferRecord& t);  // mu_ held
+  void settle(TransferRecord& t);  // mu_ held; never throws
+  bool restored_intact(const BlockCopy& c);
   size_t reap_locked();
 
   HostCacheOptions options_;

@@ -63,8 +63,8 @@ void SlotStore::check_copies(const std::vector<BlockCopy>& copies) const {
 
 std::shared_ptr<Transfer> SlotStore::submit(Direction dir, const std::vector<BlockCopy>& copies,
                                             uintptr_t after_stream) {
+  std::lock_guard<std::mutex> lock(mu_);  // the arena's lazy pinning is not thread-safe on its own
   for (const BlockCopy& c : copies) arena_->prepare(c.slot);
-  std::lock_guard<std::mutex> lock(mu_);
   const bool ordered = engine_->ordered();
   if (!ordered) {
     auto wait_for = [](std::unordered_map<uint32_t, std::weak_ptr<Transfer>>& last, uint32_t id) {
