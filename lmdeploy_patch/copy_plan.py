@@ -1,0 +1,152 @@
+"""The worker side of the host tier: the plan riding on each forward, the
+rank's SlotStore over LMDeploy's KV pools, and when each copy runs.
+
+Stream order on a GPU (one copy stream per rank, inside the SlotStore):
+
+  forward stream:  ... forward N-1 | wait(copies) | model N | ...
+  copy stream:     after(N-1): pre saves, restores | after(model N): post saves
+
+- pre saves and restores start after everything queued on the forward stream
+  so far (forward N-1 may still write a block being evicted, or read a block
+  being reused);
+- model N waits for the copy stream, so it never reads a block before its
+  restore lands, nor overwrites a block an earlier save still reads;
+- post saves start after model N wrote the blocks they copy.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from lmdeploy.pytorch.engine.cache_inputs import CacheCheckpointInputs
+
+from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
+
+from .host_tier import HostCopyPlan
+
+
+@dataclass(frozen=True)
+class HostCacheInputs(CacheCheckpointInputs):
+    """LMDeploy's per-forward cache plans plus the host tier's copy plan.
+
+    LMDeploy rebuilds CacheCheckpointInputs in to_device from its four named
+    fields, which would drop ours: to_device is overridden to keep it."""
+
+    host_plan: Optional[HostCopyPlan] = None
+
+    @classmethod
+    def wrap(cls, base: Optional[CacheCheckpointInputs], plan: HostCopyPlan) -> "HostCacheInputs":
+        values = {f.name: getattr(base, f.name) for f in fields(CacheCheckpointInputs)} if base is not None else {}
+        return cls(**values, host_plan=plan)
+
+    def to_device(self, device: str, non_blocking: bool = False):
+        moved = CacheCheckpointInputs.to_device(self, device, non_blocking=non_blocking)
+        return HostCacheInputs.wrap(moved, self.host_plan)
+
+    def has_lmdeploy_plans(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(CacheCheckpointInputs))
+
+
+def pool_regions(allocation: Any, blocks_per_logical: int) -> tuple[list[Region], int]:
+    """One region per layer of every pool of a CacheAllocation.
+
+    LMDeploy's pools are [layers, kernel blocks, bytes] with the block axis 1;
+    a scheduler block is `blocks_per_logical` consecutive kernel blocks, so it
+    is contiguous inside a layer and strided across layers."""
+    regions: list[Region] = []
+    num_blocks = None
+    for pool in allocation.pools:
+        t = pool.tensor
+        if pool.entry_axis != 1 or t.dim() != 3:
+            raise ValueError(f"unexpected KV pool layout: shape {tuple(t.shape)}, entry axis {pool.entry_axis}")
+        size = t.element_size()
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"KV pool rows are not contiguous: strides {tuple(t.stride())}")
+        n = t.shape[1] // blocks_per_logical
+        if num_blocks is not None and n != num_blocks:
+            raise ValueError(f"KV pools disagree on the number of blocks: {num_blocks} and {n}")
+        num_blocks = n
+        block_bytes = blocks_per_logical * t.stride(1) * size
+        for layer in range(t.shape[0]):
+            regions.append(Region(t[layer].data_ptr(), block_bytes, block_bytes))
+    if not regions:
+        raise ValueError("the cache allocation has no pools")
+    return regions, num_blocks
+
+
+class WorkerTier:
+    """Executes copy plans on one rank's SlotStore, in forward order."""
+
+    def __init__(self, store: SlotStore, cuda: bool):
+        self.store = store
+        self.cuda = cuda
+        self._last = None  # the latest copy not yet waited on by a forward
+        self.blocks_restored = 0
+        self.blocks_saved = 0
+        self._waited = 0.0       # seconds forwards spent waiting for copies (resolved)
+        self._wait_events: list = []  # CUDA (start, end) events not yet resolved
+
+    def before_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
+        if plan is not None:
+            if len(plan.pre_slots):
+                self._last = self.store.offload(plan.pre_slots, plan.pre_blocks, after_stream=stream)
+                self.blocks_saved += len(plan.pre_slots)
+            if len(plan.restore_slots):
+                self._last = self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=stream)
+                self.blocks_restored += len(plan.restore_slots)
+        if self._last is not None:
+            # Copies on the store's stream run in order: waiting on the last
+            # one covers every earlier save and restore.
+            if self.cuda:
+                import torch
+
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                self._last.wait_on_stream(stream)
+                end.record(stream)
+                self._wait_events.append((start, end))
+                if len(self._wait_events) > 64:  # resolve finished ones even if nobody reads the figure
+                    self.wait_seconds()
+            else:
+                t0 = time.perf_counter()
+                self._last.wait()
+                self._waited += time.perf_counter() - t0
+            self._last = None
+
+    def wait_seconds(self) -> float:
+        """Time forwards spent waiting for host copies: what the tier cost them."""
+        pending = []
+        for start, end in self._wait_events:
+            if end.query():
+                self._waited += start.elapsed_time(end) / 1e3
+            else:
+                pending.append((start, end))
+        self._wait_events = pending
+        return self._waited
+
+    def after_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
+        if plan is not None and len(plan.post_slots):
+            self._last = self.store.offload(plan.post_slots, plan.post_blocks, after_stream=stream)
+            self.blocks_saved += len(plan.post_slots)
+
+
+def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",
+                      device: Optional[str] = None) -> WorkerTier:
+    """A rank's store: host_cache_slots slots of this rank's block size."""
+    regions, num_blocks = pool_regions(allocation, blocks_per_logical)
+    slot_bytes = sum(r.bytes for r in regions)
+    stride = (slot_bytes + 255) // 256 * 256
+    if device is None:
+        device = str(allocation.pools[0].tensor.device)
+        if device == "cuda":
+            device = "cuda:0"
+    config = HostCacheConfig(capacity_bytes=cache_config.host_cache_slots * stride, device=device,
+                             copy_path=copy_path, reserve_bytes=0,  # the executor checked RAM for all ranks
+                             capacity_setting="host_cache_ratio / host_cache_size")
+    store = SlotStore(config, regions, num_blocks)
+    if store.num_slots != cache_config.host_cache_slots:
+        raise RuntimeError(f"host pool has {store.num_slots} slots, the scheduler expects "
+                           f"{cache_config.host_cache_slots}")
+    store._allocation = allocation  # the pools must outlive the store
+    return WorkerTier(store, cuda=device.startswith("cuda"))

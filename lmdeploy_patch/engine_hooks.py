@@ -1,0 +1,127 @@
+"""Hooks on LMDeploy 0.18.0's executor, inputs maker and model agent: size
+the host pool, put the copy plan on each forward, build each rank's store,
+run the copies around the model. Each wrapper calls LMDeploy's own function;
+with the tier off they only call through.
+
+Why each hook is safe:
+- ExecutorBase._update_num_gpu_blocks: runs once in the driver after the
+  GPU block count is final and before set_cache_config sends the config to
+  the workers, so every rank and the scheduler see the same slot count.
+- _ForwardInputsTask._build_payload: the scheduling pass for this forward is
+  over; the plan only adds a field to the payload's cache_inputs.
+- BaseModelAgent.build_cache_engine: the pools exist and are final.
+- agent._restore_cache_checkpoint / _save_cache_checkpoint: LMDeploy calls
+  them on the forward stream right before and after the model; they are
+  looked up as module globals at call time, so replacing them takes effect.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .compat import STATE, apply, require_attr, require_params
+from .import_hooks import when_imported
+
+_WORKERS: dict[int, Any] = {}  # id(cache_engine) -> WorkerTier
+
+
+def worker_for(cache_engine: Any):
+    return _WORKERS.get(id(cache_engine))
+
+
+def local_workers() -> list:
+    return list(_WORKERS.values())
+
+
+@when_imported("lmdeploy.pytorch.engine.executor.base")
+def _patch_executor(module) -> None:
+    def patch() -> None:
+        Executor = require_attr(module, "ExecutorBase", "lmdeploy.pytorch.engine.executor.base")
+        update = require_params(require_attr(Executor, "_update_num_gpu_blocks", "ExecutorBase"),
+                                ["self", "free_mems", "cache_block_sizes", "spec_cache_config"],
+                                "ExecutorBase._update_num_gpu_blocks")
+
+        def _update_num_gpu_blocks(self, free_mems, cache_block_sizes, spec_cache_config):
+            update(self, free_mems, cache_block_sizes, spec_cache_config)
+            from .engine_setup import size_host_pool
+
+            size_host_pool(self.cache_config, [c.target for c in cache_block_sizes], spec_cache_config)
+
+        STATE.patcher.setattr(Executor, "_update_num_gpu_blocks", _update_num_gpu_blocks)
+
+    apply("executor.sizing", patch)
+
+
+@when_imported("lmdeploy.pytorch.engine.inputs_maker")
+def _patch_inputs_maker(module) -> None:
+    def patch() -> None:
+        Task = require_attr(module, "_ForwardInputsTask", "lmdeploy.pytorch.engine.inputs_maker")
+        build = require_params(require_attr(Task, "_build_payload", "_ForwardInputsTask"), ["self"],
+                               "_ForwardInputsTask._build_payload")
+
+        def _build_payload(self):
+            payload = build(self)
+            tier = self.scheduler.__dict__.get("_hc_tier")
+            if tier is not None and (payload.get("inputs") is not None or payload.get("delta") is not None):
+                from .copy_plan import HostCacheInputs
+
+                plan = tier.take_plan(payload["running"])
+                payload["cache_inputs"] = HostCacheInputs.wrap(payload.get("cache_inputs"), plan)
+            return payload
+
+        STATE.patcher.setattr(Task, "_build_payload", _build_payload)
+
+    apply("inputs_maker.plan", patch)
+
+
+@when_imported("lmdeploy.pytorch.engine.model_agent.agent")
+def _patch_agent(module) -> None:
+    def patch() -> None:
+        restore = require_params(require_attr(module, "_restore_cache_checkpoint", "agent"),
+                                 ["inputs", "cache_inputs", "cache_engine", "state_cache_engine"],
+                                 "agent._restore_cache_checkpoint")
+        save = require_params(require_attr(module, "_save_cache_checkpoint", "agent"),
+                              ["inputs", "cache_inputs", "cache_engine", "state_cache_engine"],
+                              "agent._save_cache_checkpoint")
+        Agent = require_attr(module, "BaseModelAgent", "agent")
+        build = require_params(require_attr(Agent, "build_cache_engine", "BaseModelAgent"), ["self"],
+                               "BaseModelAgent.build_cache_engine")
+
+        def _current_stream(worker):
+            if not worker.cuda:
+                return None
+            import torch
+
+            return torch.cuda.current_stream()
+
+        def _restore_cache_checkpoint(inputs, cache_inputs, cache_engine, state_cache_engine):
+            worker = worker_for(cache_engine)
+            if worker is not None and not inputs.is_dummy:
+                worker.before_model(getattr(cache_inputs, "host_plan", None), _current_stream(worker))
+            return restore(inputs, cache_inputs, cache_engine, state_cache_engine)
+
+        def _save_cache_checkpoint(inputs, cache_inputs, cache_engine, state_cache_engine):
+            result = save(inputs, cache_inputs, cache_engine, state_cache_engine)
+            worker = worker_for(cache_engine)
+            if worker is not None and not inputs.is_dummy:
+                worker.after_model(getattr(cache_inputs, "host_plan", None), _current_stream(worker))
+            return result
+
+        def build_cache_engine(self):
+            build(self)
+            from .engine_setup import build_rank_store
+
+            worker = build_rank_store(self)
+            if worker is not None:
+                _WORKERS[id(self.cache_engine)] = worker
+
+        STATE.patcher.setattr(module, "_restore_cache_checkpoint", _restore_cache_checkpoint)
+        STATE.patcher.setattr(module, "_save_cache_checkpoint", _save_cache_checkpoint)
+        STATE.patcher.setattr(Agent, "build_cache_engine", build_cache_engine)
+
+    apply("agent.copies", patch)
+
+
+def copy_path() -> str:
+    """HOSTCACHE_COPY_PATH=memcpy selects the batched-memcpy path."""
+    return os.environ.get("HOSTCACHE_COPY_PATH", "kernel")

@@ -1,0 +1,272 @@
+"""The scheduler side of the host tier inside LMDeploy's PyTorch engine.
+
+It owns the prefix index (which host slot holds which block) and decides,
+from the events of one scheduling pass, the copies that travel with the next
+forward as a HostCopyPlan:
+
+  pre  : write-back saves of blocks the GPU trie evicted in this pass, then
+         restores of host hits into the blocks just allocated for them; the
+         forward waits for both before the model runs;
+  post : write-through saves of the blocks this forward computes, queued
+         after the model.
+
+Each rank executes the plan on its own SlotStore (worker side, copy_plan.py).
+Its copies run in submission order per slot and per block, which is what lets
+this side treat a saved block as matchable as soon as its save is planned, and
+free a slot for reuse as soon as the restore reading it is planned.
+
+Keys: every trie node gets `_hc_key`, our chained XXH64 over (parent key,
+namespace, token ids), computed when the node attaches (LMDeploy's own block
+hash is salted per process). A node with multimodal identity, or under one,
+gets None and is neither saved nor matched.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
+
+logger = logging.getLogger("lmdeploy_hostcache")
+
+WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
+# write_through_selective saves a block once the GPU trie has served it this many times.
+SELECTIVE_MIN_HITS = 1
+
+
+def adapter_namespace(adapter_name: Optional[str]) -> int:
+    """Blocks of different adapters never share host entries."""
+    if not adapter_name:
+        return 0
+    return int.from_bytes(hashlib.blake2b(adapter_name.encode(), digest_size=8).digest(), "little") or 1
+
+
+@dataclass
+class HostCopyPlan:
+    """Copies between host slots and physical GPU blocks for one forward."""
+
+    pre_slots: np.ndarray
+    pre_blocks: np.ndarray
+    restore_slots: np.ndarray
+    restore_blocks: np.ndarray
+    post_slots: np.ndarray
+    post_blocks: np.ndarray
+
+    @staticmethod
+    def build(pre: list[tuple[int, int]], restore: list[tuple[int, int]], post: list[tuple[int, int]]) -> "HostCopyPlan":
+        def cols(pairs):
+            a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+            return a[:, 0].astype(np.uint32), a[:, 1].astype(np.int32)
+
+        return HostCopyPlan(*cols(pre), *cols(restore), *cols(post))
+
+    def is_empty(self) -> bool:
+        return not (len(self.pre_slots) or len(self.restore_slots) or len(self.post_slots))
+
+
+@dataclass
+class _PendingRestore:
+    slots: np.ndarray   # host slots in prefix order, pinned in the index
+    first_block: int    # index in seq.logical_blocks of the first restored block
+    fresh: Optional[np.ndarray] = None  # logical ids allocated for them, before trie dedup
+
+
+@dataclass
+class HostTierStats:
+    queried_tokens: int = 0   # tokens looked up in host memory (after the GPU trie)
+    hit_tokens: int = 0       # of those, found in host memory
+    blocks_saved: int = 0
+    blocks_restored: int = 0
+    saves_dropped: int = 0    # no evictable slot: every slot pinned or an inner node
+    restores_skipped: int = 0  # another sequence attached the same block first
+    extra: dict = field(default_factory=dict)
+
+
+class HostTier:
+    """Scheduler-side host tier of one engine (one index for all ranks)."""
+
+    def __init__(self, num_slots: int, block_size: int, write_policy: str, bytes_per_block: int,
+                 allocator: Any):
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"host_cache_write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
+        self.index = _core.PrefixIndex(num_slots, block_size)
+        self.block_size = block_size
+        self.write_policy = write_policy
+        self.bytes_per_block = bytes_per_block  # over all ranks
+        self.allocator = allocator              # LMDeploy's LogicalAllocator: logical -> physical ids
+        self.stats = HostTierStats()
+        self._pre: list[tuple[int, int]] = []   # (slot, physical block) saved before the next forward
+        self._post_nodes: list[Any] = []        # nodes whose block the next forward computes
+        self._restores: dict[int, _PendingRestore] = {}  # id(seq) -> restore waiting for its forward
+
+    # ----- keys ---------------------------------------------------------
+
+    @staticmethod
+    def key_of(node: Any) -> Optional[int]:
+        """The node's host key; ROOT_KEY for an adapter root."""
+        if node.parent is None:
+            return ROOT_KEY if node.block_id < 0 else None
+        return node.__dict__.get("_hc_key")
+
+    def on_attach(self, node: Any, parent: Any) -> None:
+        """A trie node attached (schedule time, before the forward fills it)."""
+        parent_key = self.key_of(parent)
+        if parent_key is None or node.extra_identity:
+            node._hc_key = None
+            return
+        ns = adapter_namespace(node.adapter_name)
+        tokens = as_tokens(node.token_ids)
+        node._hc_parent, node._hc_ns, node._hc_tokens = parent_key, ns, tokens
+        node._hc_key = _core.chain_key(parent_key, ns, tokens)
+        node._hc_saved = False
+        if self.write_policy == "write_through":
+            self._post_nodes.append(node)
+
+    def on_gpu_hits(self, nodes: list[Any]) -> None:
+        """The GPU trie served these nodes to a sequence."""
+        if self.write_policy != "write_through_selective":
+            return
+        for node in nodes:
+            if node.__dict__.get("_hc_key") is None or node.__dict__.get("_hc_saved"):
+                continue
+            node._hc_hits = node.__dict__.get("_hc_hits", 0) + 1
+            if node._hc_hits >= SELECTIVE_MIN_HITS:
+                self._post_nodes.append(node)
+
+    def on_evict(self, node: Any) -> None:
+        """The GPU trie is evicting this leaf; its block is still allocated
+        (LMDeploy frees the batch at the end of the eviction pass)."""
+        if self.write_policy != "write_back" or node.__dict__.get("_hc_key") is None or node._hc_saved:
+            return
+        physical = int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])
+        slot = self._store(node)
+        if slot is not None:
+            self._pre.append((slot, physical))
+
+    def _store(self, node: Any) -> Optional[int]:
+        """Inserts the node's block into the index; the slot to copy it to,
+        or None when it is already stored or cannot be."""
+        status, key, slot = self.index.insert(node._hc_parent, node._hc_ns, node._hc_tokens)
+        node._hc_saved = True
+        if status == "created":
+            # Copies run in order per slot on every rank: the restore of a
+            # later plan reads this save's bytes, so it is matchable now.
+            self.index.commit(slot)
+            self.stats.blocks_saved += 1
+            return slot
+        if status in ("full", "collision"):
+            self.stats.saves_dropped += 1
+        return None
+
+    # ----- matching -----------------------------------------------------
+
+    def continue_match(self, trie: Any, seq: Any) -> None:
+        """After the GPU trie matched seq up to its cursor, continue in host
+        memory: pin the hit slots, advance the sequence past them (the normal
+        allocation then gives them fresh blocks), count the hit tokens."""
+        cursor = seq.prefix_cache.trie_cursor
+        if cursor is None or id(seq) in self._restores or seq.prefix_cache.multimodal_spans:
+            return
+        parent_key = self.key_of(cursor)
+        start = cursor.prefix_len
+        if parent_key is None or seq.num_history_ids != start:
+            return
+        bs = self.block_size
+        # Same bounds as LMDeploy's own walk: never the block holding the last
+        # token, and the sequence's clamps (multimodal spans, limits).
+        end = (seq.num_valid_ids - 1) // bs * bs
+        end = seq.clamp_prefix_cache_match_step(min(end, seq.get_prefix_cache_max_match_step()))
+        if end <= start:
+            return
+        tokens = seq.history_cache[start:end]
+        self.stats.queried_tokens += end - start
+        steps = self.index.match(parent_key, adapter_namespace(seq.adapter_name), as_tokens(tokens), True)
+        if not steps:
+            return
+        slots = np.array([s for _, s in steps], dtype=np.uint32)
+        hit = len(slots) * bs
+        self._restores[id(seq)] = _PendingRestore(slots, start // bs)
+        seq.set_step(start + hit)
+        if not seq.prefix_cache.suppress_match_stats:
+            trie.stats.num_hit_tokens += hit  # rollback restores LMDeploy's snapshot of these stats
+        self.stats.hit_tokens += hit
+
+    def cancel(self, seq: Any) -> None:
+        """The sequence gave up its blocks (rollback, preemption, stop, end)
+        before its restore was planned: drop the pins."""
+        pending = self._restores.pop(id(seq), None)
+        if pending is not None:
+            self.stats.hit_tokens -= len(pending.slots) * self.block_size
+            for slot in pending.slots:
+                self.index.unpin(int(slot))
+
+    def before_trie_allocate(self, seq: Any) -> None:
+        """Blocks were just allocated; note which logical ids the restore targets."""
+        pending = self._restores.get(id(seq))
+        if pending is not None and pending.fresh is None:
+            real = seq.logical_blocks.get_real_blocks()
+            pending.fresh = np.array(real[pending.first_block:pending.first_block + len(pending.slots)])
+
+    # ----- plans --------------------------------------------------------
+
+    def take_plan(self, running: list[Any]) -> HostCopyPlan:
+        """Everything the forward about to be dispatched must carry."""
+        pre, self._pre = self._pre, []
+        restore: list[tuple[int, int]] = []
+        for seq in running:
+            pending = self._restores.pop(id(seq), None)
+            if pending is None:
+                continue
+            n = len(pending.slots)
+            logical = np.array(seq.logical_blocks.get_real_blocks()[pending.first_block:pending.first_block + n])
+            if len(logical) != n:
+                raise RuntimeError(f"host-cache restore of {n} blocks found {len(logical)} allocated blocks")
+            physical = self.allocator.get_physical_blocks(logical)
+            for i, slot in enumerate(pending.slots):
+                # A block another sequence attached first (trie dedup) is
+                # already being filled by that sequence: leave it alone.
+                if pending.fresh is not None and logical[i] != pending.fresh[i]:
+                    self.stats.restores_skipped += 1
+                else:
+                    restore.append((int(slot), int(physical[i])))
+            for slot in pending.slots:
+                self.index.unpin(int(slot))  # later copies into this slot queue behind the restore
+        self.stats.blocks_restored += len(restore)
+        post = []
+        nodes, self._post_nodes = self._post_nodes, []
+        for node in nodes:
+            if not node.is_attached():
+                continue
+            slot = self._store(node)
+            if slot is not None:
+                post.append((slot, int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])))
+        return HostCopyPlan.build(pre, restore, post)
+
+    def has_pending_restore(self, seq: Any) -> bool:
+        return id(seq) in self._restores
+
+    def metrics(self) -> dict:
+        """Figures for LMDeploy's metrics path (metrics_hooks.py)."""
+        s = self.stats
+        used, total = self.index.used, self.index.capacity
+        m = {
+            "host_hit_tokens": s.hit_tokens, "host_queried_tokens": s.queried_tokens,
+            "host_hit_rate": s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
+            "host_blocks_saved": s.blocks_saved, "host_blocks_restored": s.blocks_restored,
+            "host_bytes_saved": s.blocks_saved * self.bytes_per_block,
+            "host_bytes_restored": s.blocks_restored * self.bytes_per_block,
+            "host_saves_dropped": s.saves_dropped, "host_evictions": self.index.evictions,
+            "host_slots_used": used, "host_slots_total": total, "host_occupancy": used / total,
+        }
+        # Ranks in this process (the single-GPU executor) report how long
+        # forwards waited for copies; other processes' ranks cannot be reached here.
+        from .engine_hooks import local_workers
+
+        workers = local_workers()
+        if workers:
+            m["host_restore_wait_seconds"] = sum(w.wait_seconds() for w in workers)
+        return m

@@ -1,0 +1,203 @@
+"""LMDeploy 0.18.0's real Scheduler and block trie, driven the way its engine
+loop drives them, with CPU tensors shaped like the real KV pools standing in
+for GPU memory and a fake forward in place of the model.
+
+The fake forward writes, for every token it computes, bytes derived from the
+token's whole prefix (what a real forward's K/V depend on), and before that
+checks that every earlier token of every sequence in the batch already holds
+exactly the bytes a fresh computation would write. The host tier's copy plans
+are executed by the core's SlotStore against the same tensors, so a restore
+that lands wrong bytes, too late, or in the wrong block fails the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+
+import lmdeploy.pytorch.paging.block_manager.base_block_manager as bbm
+from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
+from lmdeploy.pytorch.messages import SequenceMeta, UpdateTokenMode
+from lmdeploy.pytorch.paging import Scheduler
+from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy
+from lmdeploy_patch import engine_hooks
+from lmdeploy_patch.copy_plan import build_worker_tier
+
+_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+class _Clock:
+    """Replaces time.perf_counter in LMDeploy's allocator: a counter makes
+    its LRU order (whole seconds there) reproducible between runs."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+def prefix_hashes(tokens: np.ndarray) -> np.ndarray:
+    """h[p] depends on tokens[0..p]: a stand-in for what K/V at p depend on."""
+    h = np.empty(len(tokens), dtype=np.uint64)
+    acc = np.uint64(0x243F6A8885A308D3)
+    with np.errstate(over="ignore"):
+        for i, t in enumerate(tokens.astype(np.uint64)):
+            acc = (acc ^ t) * _MUL + np.uint64(i + 1)
+            h[i] = acc
+    return h
+
+
+def kv_rows(h: np.ndarray, layer: int, row_bytes: int) -> np.ndarray:
+    """The bytes a forward writes for positions with prefix hashes h, in one layer."""
+    with np.errstate(over="ignore"):
+        x = (h[:, None] ^ np.uint64(layer * 0x51ED27)) * _MUL + np.arange(row_bytes, dtype=np.uint64)[None, :] * _MUL
+    return (x >> np.uint64(56)).astype(np.uint8)
+
+
+@dataclass
+class SimStats:
+    forwards: int = 0
+    tokens_computed: int = 0
+    tokens_checked: int = 0
+    trace: list = field(default_factory=list)
+
+
+class SimEngine:
+    def __init__(self, num_gpu_blocks: int, host_slots: int = 0, block_size: int = 16, layers: int = 2,
+                 row_bytes: int = 8, policy: str = "write_through", max_batches: int = 4,
+                 deterministic: bool = True):
+        if deterministic:
+            bbm.time = _Clock()
+        cc = CacheConfig(max_batches=max_batches, block_size=block_size, num_cpu_blocks=0,
+                         num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, device_type="cpu",
+                         num_reserved_gpu_blocks=1)
+        self.block_bytes = layers * block_size * row_bytes
+        if host_slots:
+            cc.host_cache_ratio = 1.0
+            cc.host_cache_write_policy = policy
+            cc.host_cache_slots = host_slots
+            cc.host_cache_block_bytes = self.block_bytes
+        self.scheduler = Scheduler(SchedulerConfig(max_batches=max_batches, max_session_len=1 << 16,
+                                                   max_request_output_len=512, eviction_type="recompute"),
+                                   cc, seq_meta=SequenceMeta(block_size, strategy=ARSequenceStrategy()))
+        self.tier = self.scheduler.__dict__.get("_hc_tier")
+        self.bs, self.layers, self.row_bytes = block_size, layers, row_bytes
+        # LMDeploy's packed pool: [layers, blocks, bytes of one layer's block]
+        self.pool = torch.zeros(layers, num_gpu_blocks, block_size * row_bytes, dtype=torch.uint8)
+        self.worker = None
+        if self.tier is not None:
+            # the rank's side, built the way the agent hook builds it
+            allocation = SimpleNamespace(pools=[SimpleNamespace(tensor=self.pool, entry_axis=1)])
+            self.worker = build_worker_tier(cc, allocation, blocks_per_logical=1)
+            engine_hooks._WORKERS[id(self.pool)] = self.worker  # as the agent hook registers a rank
+        self.stats = SimStats()
+        self.sessions: dict[int, object] = {}
+        self.rng = np.random.default_rng(0)
+
+    # -- the fake forward ------------------------------------------------------
+
+    def _rows(self, block: int) -> torch.Tensor:
+        return self.pool[:, block, :].view(self.layers, self.bs, self.row_bytes)
+
+    def forward(self, running: list) -> None:
+        plan = self.tier.take_plan(running) if self.tier is not None else None
+        if self.worker is not None:
+            self.worker.before_model(plan, stream=None)
+        tables = self.scheduler.get_block_tables(running)
+        for seq, table in zip(running, tables):
+            tokens = np.asarray(seq.history_cache[:seq.num_all_ids])
+            h = prefix_hashes(tokens)
+            start = seq.num_history_ids
+            # every earlier position must hold what a fresh computation writes
+            for layer in range(self.layers):
+                want = kv_rows(h[:start], layer, self.row_bytes)
+                for b in range((start + self.bs - 1) // self.bs):
+                    lo, hi = b * self.bs, min(start, (b + 1) * self.bs)
+                    got = self._rows(int(table[b]))[layer, : hi - lo].numpy()
+                    if not np.array_equal(got, want[lo:hi]):
+                        raise AssertionError(f"seq {seq.seq_id}: block {b} (physical {table[b]}) layer {layer} "
+                                             f"holds wrong KV for positions {lo}..{hi - 1}")
+            self.stats.tokens_checked += start
+            for p in range(start, len(tokens)):
+                b, r = divmod(p, self.bs)
+                for layer in range(self.layers):
+                    self._rows(int(table[b]))[layer, r] = torch.from_numpy(kv_rows(h[p:p + 1], layer, self.row_bytes)[0])
+            self.stats.tokens_computed += len(tokens) - start
+            self.stats.trace.append((seq.session_id, start, len(tokens)))
+        if self.worker is not None:
+            self.worker.after_model(plan, stream=None)
+        self.stats.forwards += 1
+
+    # -- the engine loop -------------------------------------------------------
+
+    def turn(self, session_id: int, prompt: np.ndarray, decode_steps: int) -> object:
+        """One chat turn: prefill of the prompt (on top of the history), then decode."""
+        sched = self.scheduler
+        if session_id not in self.sessions:
+            sess = sched.add_session(session_id)
+            seq = sess.add_sequence(torch.from_numpy(prompt))
+            self.sessions[session_id] = seq
+        else:
+            seq = self.sessions[session_id]
+            seq.update_token_ids(torch.from_numpy(prompt), mode=UpdateTokenMode.INPUTS)
+            seq.activate()
+        while True:
+            out = sched.schedule(is_prefill=True, prealloc_size=0)
+            if seq in out.running:
+                break
+            assert out.running, "the scheduler admitted nothing: pool too small for one sequence"
+            self._finish_prefill(out.running, decode_steps=0)
+        self._finish_prefill(out.running, decode_steps)
+        return seq
+
+    def turns(self, prompts: dict[int, np.ndarray], decode_steps: int) -> None:
+        """Several sessions' turns queued at once: admission works through them
+        in batches and rolls back the ones that do not fit."""
+        sched = self.scheduler
+        waiting = []
+        for sid, prompt in prompts.items():
+            if sid not in self.sessions:
+                self.sessions[sid] = sched.add_session(sid).add_sequence(torch.from_numpy(prompt))
+            else:
+                seq = self.sessions[sid]
+                seq.update_token_ids(torch.from_numpy(prompt), mode=UpdateTokenMode.INPUTS)
+                seq.activate()
+            waiting.append(self.sessions[sid])
+        done: set[int] = set()
+        while len(done) < len(waiting):
+            out = sched.schedule(is_prefill=True, prealloc_size=0)
+            assert out.running, "the scheduler admitted nothing: pool too small for one sequence"
+            self._finish_prefill(out.running, decode_steps)
+            done.update(seq.session_id for seq in out.running)
+
+    def _finish_prefill(self, running: list, decode_steps: int) -> None:
+        sched = self.scheduler
+        sched.activate_seqs(running)
+        self.forward(running)
+        for seq in running:
+            seq.update_token_ids(np.array([self._token()]), mode=UpdateTokenMode.PREFILL)
+        for _ in range(decode_steps):
+            valid = sched.schedule_running(running, num_required_tokens=1, prealloc_size=1)
+            assert all(valid)
+            self.forward(running)
+            for seq in running:
+                seq.update_token_ids(np.array([self._token()]), mode=UpdateTokenMode.DECODE)
+        for seq in running:
+            seq.finish()
+
+    def _token(self) -> int:
+        return int(self.rng.integers(3, 30000))
+
+    def end_all(self) -> None:
+        for sid in list(self.sessions):
+            self.scheduler.end_session(sid)
+        self.sessions.clear()
+        engine_hooks._WORKERS.pop(id(self.pool), None)
+
+    def hit_rate(self) -> float:
+        return self.scheduler.schedule_metrics.prefix_cache_hit_rate

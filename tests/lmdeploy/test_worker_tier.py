@@ -1,0 +1,112 @@
+"""The rank side: LMDeploy's real KV pool layout (BlockCachePlan on CPU), the
+copy plan riding on the forward payload, and the model agent's real hook
+functions executing it."""
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lmdeploy")
+
+from lmdeploy.pytorch.config import CacheConfig, ModelConfig  # noqa: E402
+from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan  # noqa: E402
+from lmdeploy.pytorch.engine.cache_inputs import CacheCheckpointInputs  # noqa: E402
+from lmdeploy.pytorch.engine.model_agent import agent  # noqa: E402
+
+from lmdeploy_patch import engine_hooks  # noqa: E402
+from lmdeploy_patch.copy_plan import HostCacheInputs, build_worker_tier, pool_regions  # noqa: E402
+from lmdeploy_patch.engine_setup import host_pool_slots  # noqa: E402
+from lmdeploy_patch.host_tier import HostCopyPlan  # noqa: E402
+
+GiB = 1 << 30
+
+
+def llama_plan(quant_policy: int, layers: int = 4, num_blocks: int = 12):
+    """LMDeploy's own plan for a Llama-3-8B-like layer (8 KV heads, dim 128)."""
+    from lmdeploy.pytorch.devices import DeviceContext, get_device_manager
+
+    mc = ModelConfig(hidden_size=4096, num_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                     bos_token_id=1, eos_token_id=[2], head_dim=128, dtype=torch.bfloat16)
+    cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=num_blocks,
+                     quant_policy=quant_policy, device_type="cuda")
+    with get_device_manager().context(DeviceContext("cuda")):
+        plan = build_block_cache_plan(mc, cc, world_size=1)
+    allocation = plan.allocate(num_blocks, "cpu")
+    for pool in allocation.pools:
+        pool.tensor.random_(0, 256)
+    return plan, allocation, cc
+
+
+@pytest.mark.parametrize("quant_policy,block_mib", [(0, 8.0), (8, 4.125), (4, 2.125)])
+def test_pool_regions_cover_lmdeploy_blocks(quant_policy, block_mib):
+    plan, allocation, _ = llama_plan(quant_policy, layers=32, num_blocks=2)
+    regions, n = pool_regions(allocation, plan.kernel_blocks_per_logical_block)
+    assert n == 2 and len(regions) == 32
+    assert sum(r.bytes for r in regions) == int(block_mib * 2**20)
+
+
+def _block_bytes(allocation, b: int, k: int) -> bytes:
+    """Scheduler block b: k consecutive kernel blocks in each layer."""
+    return b"".join(p.tensor[:, b * k:(b + 1) * k, :].contiguous().numpy().tobytes() for p in allocation.pools)
+
+
+@pytest.mark.parametrize("quant_policy", [0, 4])
+def test_agent_hooks_run_the_plan_around_the_model(quant_policy):
+    plan, allocation, cc = llama_plan(quant_policy)
+    cc.host_cache_slots = 8
+    worker = build_worker_tier(cc, allocation, plan.kernel_blocks_per_logical_block)
+    engine = SimpleNamespace()
+    engine_hooks._WORKERS[id(engine)] = worker
+    inputs = SimpleNamespace(is_dummy=False)
+    k = plan.kernel_blocks_per_logical_block
+    try:
+        want = {b: _block_bytes(allocation, b, k) for b in (1, 2, 3)}
+        # forward 1 saves blocks 1..3 after its model (post)
+        save = HostCacheInputs.wrap(None, HostCopyPlan.build([], [], [(5, 1), (0, 2), (7, 3)]))
+        agent._restore_cache_checkpoint(inputs, save, engine, None)
+        agent._save_cache_checkpoint(inputs, save, engine, None)
+        # forward 2 restores them elsewhere before its model (pre); its model
+        # then overwrites the old blocks, which the save must have read already
+        load = HostCacheInputs.wrap(None, HostCopyPlan.build([], [(5, 9), (0, 10), (7, 11)], []))
+        agent._restore_cache_checkpoint(inputs, load, engine, None)
+        for p in allocation.pools:
+            p.tensor[:, k:4 * k].zero_()
+        assert [_block_bytes(allocation, b, k) for b in (9, 10, 11)] == [want[1], want[2], want[3]]
+        assert worker.blocks_saved == 3 and worker.blocks_restored == 3
+        # a dummy forward runs no copies
+        dummy = SimpleNamespace(is_dummy=True)
+        agent._restore_cache_checkpoint(dummy, HostCacheInputs.wrap(None, HostCopyPlan.build([], [(5, 4)], [])),
+                                        engine, None)
+        assert worker.blocks_restored == 3
+    finally:
+        engine_hooks._WORKERS.pop(id(engine), None)
+
+
+def test_plan_survives_to_device_and_pickle():
+    kv = torch.tensor([[1, 2], [3, 4]])
+    plan = HostCopyPlan.build([(1, 2)], [(3, 4)], [(5, 6)])
+    ci = HostCacheInputs.wrap(CacheCheckpointInputs(kv_save_plan=kv), plan)
+    moved = ci.to_device("cpu")
+    assert isinstance(moved, HostCacheInputs) and moved.host_plan is plan
+    assert torch.equal(moved.kv_save_plan, kv) and moved.has_lmdeploy_plans()
+    back = pickle.loads(pickle.dumps(moved))  # the MP executor pickles payloads
+    assert list(back.host_plan.restore_slots) == [3] and list(back.host_plan.post_blocks) == [6]
+    moved.record_stream(None)  # CPU plans: nothing to record
+
+
+def test_host_pool_sizing_by_ratio_size_and_ram():
+    cc = SimpleNamespace(host_cache_ratio=2.0, host_cache_size=None, num_gpu_blocks=100)
+    # ratio: 2 x 100 blocks of 1000 bytes (slot stride 1024) -> 195 slots
+    assert host_pool_slots(cc, [1000], 1, available_ram=64 * GiB) == 200_000 // 1024
+    cc.host_cache_size = 1.0
+    assert host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=64 * GiB) == 1024
+    with pytest.raises(ValueError, match="host_cache_size asks for 16.00 GiB .* lower host_cache_size"):
+        host_pool_slots(SimpleNamespace(host_cache_ratio=0, host_cache_size=8.0, num_gpu_blocks=10),
+                        [1 << 20, 1 << 20], 2, available_ram=12 * GiB)
+    with pytest.raises(ValueError, match="smaller than one KV block"):
+        host_pool_slots(SimpleNamespace(host_cache_ratio=0.001, host_cache_size=None, num_gpu_blocks=10),
+                        [1 << 20], 1, available_ram=12 * GiB)
