@@ -13,32 +13,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+import os
+import sys
 from typing import Optional
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmark"))
 import torch
 
-import lmdeploy.pytorch.paging.block_manager.base_block_manager as bbm
 from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
 from lmdeploy.pytorch.messages import SequenceMeta, UpdateTokenMode
 from lmdeploy.pytorch.paging import Scheduler
 from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy
 from lmdeploy_patch import engine_hooks
+from replay import use_logical_clock
 from lmdeploy_patch.copy_plan import build_worker_tier
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
-
-
-class _Clock:
-    """Replaces time.perf_counter in LMDeploy's allocator: a counter makes
-    its LRU order (whole seconds there) reproducible between runs."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def perf_counter(self) -> float:
-        self.t += 1.0
-        return self.t
 
 
 def prefix_hashes(tokens: np.ndarray) -> np.ndarray:
@@ -72,7 +64,7 @@ class SimEngine:
                  row_bytes: int = 8, policy: str = "write_through", max_batches: int = 4,
                  deterministic: bool = True):
         if deterministic:
-            bbm.time = _Clock()
+            use_logical_clock()
         cc = CacheConfig(max_batches=max_batches, block_size=block_size, num_cpu_blocks=0,
                          num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, device_type="cpu",
                          num_reserved_gpu_blocks=1)

@@ -1,0 +1,291 @@
+"""Multi-turn throughput with the host tier off and on, on real ShareGPT chats.
+
+Each simulated user walks one conversation turn by turn: a turn's prompt is
+the previous prompt, the reply, and the next user message, so a server that
+caches well reuses everything but the new message. Users arrive up to a
+concurrency limit and think between turns; the defaults make the live
+working set at least 4x the GPU KV cache.
+
+    python benchmark/multiturn.py --replay --json results/multiturn.json
+
+--replay runs the conversations through LMDeploy 0.18.0's real scheduler and
+the real host tier on CPU (no model, no GPU): token counts by tier are exact,
+times are estimates from a cost model whose constants are flags defaulting to
+the latest figures in benchmark/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from replay import CostModel, ReplayEngine, User  # noqa: E402
+from sharegpt import SimpleTokenizer, load_conversations  # noqa: E402
+
+MiB = 1 << 20
+# Bytes of one 64-token block of LMDeploy's packed pool, Llama-3-8B shape
+# (32 layers, 8 KV heads, head dim 128), measured from its BlockCachePlan.
+KV_BLOCK_BYTES = {"llama3-8b": {0: 8 * MiB, 8: 4 * MiB + 128 * 1024, 4: 2 * MiB + 128 * 1024}}
+SCENARIOS = ("multiturn", "no-reuse", "shared-system", "quant")
+
+
+def cost_model_defaults(path: str = os.path.join(HERE, "RESULTS.md")) -> CostModel:
+    """The last `cost-model:` line of RESULTS.md."""
+    found = None
+    try:
+        with open(path) as f:
+            for line in f:
+                m = re.match(r"\s*cost-model:\s*prefill_tok_s=([\d.]+)\s+decode_step_ms=([\d.]+)\s+copy_gbps=([\d.]+)"
+                             r"\s*(.*)", line)
+                if m:
+                    found = CostModel(float(m[1]), float(m[2]) / 1e3, float(m[3]), m[4].strip() or path)
+    except OSError:
+        pass
+    return found or CostModel(30000.0, 0.025, 50.0, "built-in defaults")
+
+
+def build_users(args: argparse.Namespace) -> list[User]:
+    """Tokenised conversations for the scenario, seeded."""
+    tok = SimpleTokenizer()
+    rng = np.random.default_rng(args.seed)
+
+    def cap(ids: np.ndarray, n: int) -> np.ndarray:
+        return ids[:n] if len(ids) > n else ids
+
+    def turns_of(conv, max_turns):
+        out = []
+        for u, r in conv.turns[:max_turns]:
+            reply = cap(tok.encode(r), args.max_reply_tokens)
+            if len(reply) == 0:
+                reply = np.array([tok.encode(".")[0]])
+            out.append((cap(tok.encode(u), args.max_user_tokens), reply))
+        return out
+
+    if args.scenario == "no-reuse":
+        convs = load_conversations(args.users, args.seed, min_turns=1)
+        users = []
+        for i, c in enumerate(convs):
+            msg, reply = turns_of(c, 1)[0]
+            # a unique first token: no two prompts share even a first block
+            msg = np.concatenate([[100_000 + i], msg])
+            users.append(User(i, [(msg, reply)]))
+        return users
+    convs = load_conversations(args.users, args.seed, min_turns=2)
+    users = [User(i, turns_of(c, args.max_turns)) for i, c in enumerate(convs)]
+    if args.scenario == "shared-system":
+        system = rng.integers(3, 120_000, size=args.system_tokens).astype(np.int64)
+        for u in users:
+            u.turns = u.turns[:2]
+            msg, reply = u.turns[0]
+            u.turns[0] = (np.concatenate([system, msg]), reply)
+    return users
+
+
+def working_set_blocks(users: list[User], block_size: int) -> list[int]:
+    return [math.ceil(sum(len(m) + len(r) for m, r in u.turns) / block_size) for u in users]
+
+
+def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, kv_bytes: int,
+            cost: CostModel) -> dict:
+    users = users_factory()
+    engine = ReplayEngine(num_gpu_blocks=gpu_blocks, host_slots=host_slots, block_size=args.block_size,
+                          max_batches=args.max_batches, kv_block_bytes=kv_bytes, cost=cost,
+                          write_policy=args.write_policy)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.perf_counter() - last[0] > 5 or done == total:
+            last[0] = time.perf_counter()
+            print(f"  [{label}] {done}/{total} turns", file=sys.stderr, flush=True)
+
+    res = engine.run(users, args.concurrency, args.think_s, args.seed, progress)
+    out = res.summary()
+    out["gpu_blocks"], out["host_blocks"], out["kv_block_bytes"] = gpu_blocks, host_slots, kv_bytes
+    out["timeline"] = res.timeline[:: max(1, len(res.timeline) // 400)]
+    out["ttft_s"] = res.ttft
+    return out
+
+
+ROWS = [
+    ("requests", "requests", "{:.0f}"),
+    ("prompt tokens from GPU cache", "tokens_gpu_hit", "{:.0f}"),
+    ("prompt tokens from host cache", "tokens_host_hit", "{:.0f}"),
+    ("prompt tokens recomputed", "tokens_recomputed", "{:.0f}"),
+    ("output tokens", "output_tokens", "{:.0f}"),
+    ("preemptions", "preemptions", "{:.0f}"),
+    ("bytes restored (GB)", "bytes_restored", "{:.2f}", 1e-9),
+    ("bytes saved (GB)", "bytes_saved", "{:.2f}", 1e-9),
+    ("est. time waiting for restores (s)", "est_restore_seconds", "{:.2f}"),
+    ("est. TTFT p50 (s)", "est_ttft_p50_s", "{:.3f}"),
+    ("est. TTFT p90 (s)", "est_ttft_p90_s", "{:.3f}"),
+    ("est. TTFT p99 (s)", "est_ttft_p99_s", "{:.3f}"),
+    ("est. inter-token p50 (ms)", "est_itl_p50_s", "{:.1f}", 1e3),
+    ("est. inter-token p99 (ms)", "est_itl_p99_s", "{:.1f}", 1e3),
+    ("est. requests/s", "est_requests_per_s", "{:.2f}"),
+    ("est. input tokens/s", "est_input_tok_s", "{:.0f}"),
+    ("est. output tokens/s", "est_output_tok_s", "{:.0f}"),
+]
+
+
+def print_table(runs: dict[str, dict]) -> None:
+    names = list(runs)
+    print(f"{'':38}" + "".join(f"{n:>16}" for n in names))
+    for row in ROWS:
+        label, key, fmt = row[:3]
+        scale = row[3] if len(row) > 3 else 1
+        print(f"{label:38}" + "".join(f"{fmt.format(runs[n][key] * scale):>16}" for n in names))
+    if "off" in runs and "on" in runs:
+        off, on = runs["off"], runs["on"]
+
+        def ratio(a, b):
+            return a / b if b else float("inf")
+
+        print(f"\nestimated, tier on vs off: TTFT p50 {ratio(off['est_ttft_p50_s'], on['est_ttft_p50_s']):.2f}x lower, "
+              f"p99 {ratio(off['est_ttft_p99_s'], on['est_ttft_p99_s']):.2f}x lower, output throughput "
+              f"{ratio(on['est_output_tok_s'], off['est_output_tok_s']):.2f}x; recomputed prompt tokens "
+              f"{ratio(off['tokens_recomputed'], on['tokens_recomputed']):.2f}x fewer")
+
+
+def plot(runs: dict[str, dict], out_dir: str) -> list[str]:
+    """TTFT distribution per run; hits by tier and host occupancy over time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib not installed: no plots", file=sys.stderr)
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in runs.items():
+        xs = np.sort(r["ttft_s"])
+        ax.plot(xs, np.linspace(0, 1, len(xs)), label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("estimated TTFT (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TTFT distribution (CPU replay, cost-model estimate)")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "ttft_cdf.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], runs.items()):
+        tl = np.array(r["timeline"], dtype=float)
+        if len(tl) == 0:
+            continue
+        ax.stackplot(tl[:, 0], tl[:, 1], tl[:, 2], tl[:, 3], labels=["GPU hit", "host hit", "recomputed"])
+        ax.set_xlabel("estimated time (s)")
+        ax.set_ylabel("prompt tokens (cumulative)")
+        ax.set_title(name)
+        ax.legend(loc="upper left")
+        if r["host_blocks"]:
+            ax2 = ax.twinx()
+            ax2.plot(tl[:, 0], tl[:, 4] / r["host_blocks"], color="black", lw=1, label="host occupancy")
+            ax2.set_ylim(0, 1.05)
+            ax2.set_ylabel("host pool occupancy")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "tiers_over_time.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    cost = cost_model_defaults()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replay", action="store_true", required=True,
+                    help="CPU replay through LMDeploy's real scheduler (the only mode so far)")
+    ap.add_argument("--scenario", choices=SCENARIOS, default="multiturn",
+                    help="multiturn chats; no-reuse (unique prompts: what the tier costs when it cannot help); "
+                         "shared-system (a long system prompt, many short chats); quant (bf16 vs int4 KV at the "
+                         "same host-pool bytes)")
+    ap.add_argument("--json", help="write every result here")
+    ap.add_argument("--plots", help="folder for PNG plots (default: next to --json)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--users", type=int, default=96, help="conversations (one user each)")
+    ap.add_argument("--concurrency", type=int, default=32, help="users in a conversation at once")
+    ap.add_argument("--think-s", type=float, default=30.0, help="mean think time between turns (exponential)")
+    ap.add_argument("--max-turns", type=int, default=6)
+    ap.add_argument("--max-user-tokens", type=int, default=1024)
+    ap.add_argument("--max-reply-tokens", type=int, default=256)
+    ap.add_argument("--system-tokens", type=int, default=2048, help="shared-system scenario")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--max-batches", type=int, default=64, help="most sequences in one forward")
+    ap.add_argument("--model-shape", choices=list(KV_BLOCK_BYTES), default="llama3-8b")
+    ap.add_argument("--quant-policy", type=int, choices=(0, 4, 8), default=4)
+    ap.add_argument("--gpu-blocks", type=int,
+                    help="GPU KV cache in blocks (default: live working set / 4; no-reuse: the live working set)")
+    ap.add_argument("--host-gib", type=float, help="host pool GiB (default: enough for every conversation)")
+    ap.add_argument("--write-policy", default="write_through",
+                    choices=("write_through", "write_through_selective", "write_back"))
+    ap.add_argument("--prefill-tok-s", type=float, default=cost.prefill_tok_s,
+                    help=f"cost model: prompt tokens/s (default {cost.prefill_tok_s:g}, {cost.source})")
+    ap.add_argument("--decode-step-ms", type=float, default=cost.decode_step_s * 1e3,
+                    help=f"cost model: ms per decode step (default {cost.decode_step_s * 1e3:g})")
+    ap.add_argument("--copy-gbps", type=float, default=cost.copy_gbps,
+                    help=f"cost model: host<->GPU GB/s (default {cost.copy_gbps:g})")
+    args = ap.parse_args(argv)
+    cost = CostModel(args.prefill_tok_s, args.decode_step_ms / 1e3, args.copy_gbps,
+                     cost.source if (args.prefill_tok_s, args.copy_gbps) == (cost.prefill_tok_s, cost.copy_gbps)
+                     else "command line")
+
+    t0 = time.perf_counter()
+    users = build_users(args)
+    ws = working_set_blocks(users, args.block_size)
+    live = int(np.mean(ws) * min(args.concurrency, len(users)))
+    # Reuse scenarios: the live working set is 4x the GPU cache. No reuse: a
+    # cache that holds the live set, so the run shows only what the tier costs.
+    pressure = 1 if args.scenario == "no-reuse" else 4
+    gpu_blocks = args.gpu_blocks or max(live // pressure, max(ws) + 4)
+    kv = KV_BLOCK_BYTES[args.model_shape]
+    qp = args.quant_policy
+    host_bytes = int(args.host_gib * (1 << 30)) if args.host_gib else int(sum(ws) * 1.1) * kv[qp]
+    config = {k: v for k, v in vars(args).items()}
+    config.update(gpu_blocks=gpu_blocks, live_working_set_blocks=live, all_conversations_blocks=int(sum(ws)),
+                  working_set_over_gpu_cache=live / gpu_blocks, host_pool_gib=host_bytes / (1 << 30),
+                  turns=sum(len(u.turns) for u in users))
+    print(f"# {len(users)} users, {config['turns']} turns, seed {args.seed}; GPU cache {gpu_blocks} blocks, live "
+          f"working set {live} blocks ({live / gpu_blocks:.1f}x); host pool {host_bytes / (1 << 30):.1f} GiB; "
+          f"cost model: {cost.prefill_tok_s:g} prefill tok/s, {cost.decode_step_s * 1e3:g} ms/decode step, "
+          f"{cost.copy_gbps:g} GB/s ({cost.source})", file=sys.stderr)
+
+    def factory():
+        return build_users(args)
+
+    runs: dict[str, dict] = {}
+    runs["off"] = run_one("off", factory, args, gpu_blocks, 0, kv[qp], cost)
+    if args.scenario == "quant":
+        # same host bytes: int4 keeps ~3.8x more blocks than bf16
+        for name, policy in (("on bf16", 0), ("on int4", 4)):
+            runs[name] = run_one(name, factory, args, gpu_blocks, host_bytes // kv[policy], kv[policy], cost)
+    else:
+        runs["on"] = run_one("on", factory, args, gpu_blocks, host_bytes // kv[qp], kv[qp], cost)
+
+    print(f"\n## {args.scenario}: tier off vs on (CPU replay; token counts exact, times estimated)")
+    print_table(runs)
+    print(f"# {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"scenario": args.scenario, "config": config, "cost_model": vars(cost), **runs}, f)
+        plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(args.json)))
+        for p in plots:
+            print(f"# plot: {p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

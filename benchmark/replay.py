@@ -1,0 +1,280 @@
+"""CPU replay: real multi-turn conversations through LMDeploy 0.18.0's real
+Scheduler and block trie, with the host tier (its real index and copy plans)
+or without it; forwards are not executed.
+
+Token counts by tier are exact for this scheduler; times are ESTIMATES from a
+cost model (prefill tokens/s, decode step time, copy GB/s), so a run on a
+2-core machine says what the tier would do on the GPU the constants describe.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+
+class LogicalClock:
+    """Stands in for time.perf_counter in LMDeploy's block allocator, whose
+    LRU keeps access times in whole seconds (ties broken by memory address):
+    a counter makes its eviction order, and so every replay, reproducible."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        self.t += 1.0
+        return self.t
+
+
+def use_logical_clock() -> None:
+    import lmdeploy.pytorch.paging.block_manager.base_block_manager as bbm
+
+    bbm.time = LogicalClock()
+
+
+@dataclass
+class CostModel:
+    prefill_tok_s: float      # prompt tokens computed per second
+    decode_step_s: float      # one decode forward of the running batch
+    copy_gbps: float          # host <-> GPU copy bandwidth, GB/s
+    source: str = ""
+
+    def prefill_s(self, tokens: int) -> float:
+        return tokens / self.prefill_tok_s
+
+    def copy_s(self, nbytes: int) -> float:
+        return nbytes / (self.copy_gbps * 1e9)
+
+
+@dataclass
+class User:
+    """One simulated user walking one conversation, turn by turn."""
+    uid: int
+    turns: list[tuple[np.ndarray, np.ndarray]]  # (user message ids, reply ids)
+    turn: int = 0
+    seq: object = None
+    arrival: float = 0.0
+    first_token_at: Optional[float] = None
+    reply_pos: int = 0
+    last_token_at: float = 0.0
+
+
+@dataclass
+class ReplayResult:
+    requests: int = 0
+    sim_seconds: float = 0.0
+    tokens_gpu_hit: int = 0
+    tokens_host_hit: int = 0
+    tokens_recomputed: int = 0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    bytes_restored: int = 0
+    bytes_saved: int = 0
+    restore_seconds: float = 0.0
+    preemptions: int = 0
+    ttft: list = field(default_factory=list)
+    itl: list = field(default_factory=list)
+    timeline: list = field(default_factory=list)  # (t, gpu hit, host hit, recomputed, host slots used)
+    host: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    def summary(self) -> dict:
+        def pct(xs, q):
+            return float(np.percentile(xs, q)) if xs else 0.0
+
+        t = max(self.sim_seconds, 1e-9)
+        return {
+            "requests": self.requests,
+            "tokens_gpu_hit": self.tokens_gpu_hit,
+            "tokens_host_hit": self.tokens_host_hit,
+            "tokens_recomputed": self.tokens_recomputed,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "preemptions": self.preemptions,
+            "bytes_restored": self.bytes_restored,
+            "bytes_saved": self.bytes_saved,
+            "est_restore_seconds": self.restore_seconds,
+            "est_seconds": self.sim_seconds,
+            "est_ttft_p50_s": pct(self.ttft, 50),
+            "est_ttft_p90_s": pct(self.ttft, 90),
+            "est_ttft_p99_s": pct(self.ttft, 99),
+            "est_itl_p50_s": pct(self.itl, 50),
+            "est_itl_p99_s": pct(self.itl, 99),
+            "est_requests_per_s": self.requests / t,
+            "est_input_tok_s": self.prompt_tokens / t,
+            "est_output_tok_s": self.output_tokens / t,
+            "host": self.host,
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+class ReplayEngine:
+    """LMDeploy's scheduler stepped like its engine loop, time from a cost model."""
+
+    def __init__(self, *, num_gpu_blocks: int, host_slots: int, block_size: int, max_batches: int,
+                 kv_block_bytes: int, cost: CostModel, write_policy: str = "write_through"):
+        from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
+        from lmdeploy.pytorch.messages import SequenceMeta
+        from lmdeploy.pytorch.paging import Scheduler
+        from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy
+
+        use_logical_clock()
+        cc = CacheConfig(max_batches=max_batches, block_size=block_size, num_cpu_blocks=0,
+                         num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, device_type="cpu",
+                         num_reserved_gpu_blocks=1)
+        if host_slots > 0:
+            # What the executor hook sets after sizing the pool (engine_setup.size_host_pool).
+            cc.host_cache_ratio = 1.0
+            cc.host_cache_write_policy = write_policy
+            cc.host_cache_slots = host_slots
+            cc.host_cache_block_bytes = kv_block_bytes
+        self.scheduler = Scheduler(SchedulerConfig(max_batches=max_batches, max_session_len=1 << 20,
+                                                   max_request_output_len=1 << 16, eviction_type="recompute"),
+                                   cc, seq_meta=SequenceMeta(block_size, strategy=ARSequenceStrategy()))
+        self.tier = self.scheduler.__dict__.get("_hc_tier")
+        if host_slots > 0 and self.tier is None:
+            raise RuntimeError("the host tier did not attach: is lmdeploy-hostcache installed with its .pth?")
+        self.bs = block_size
+        self.kv_block_bytes = kv_block_bytes
+        self.cost = cost
+
+    def run(self, users: list[User], concurrency: int, think_s: float, seed: int,
+            progress: Optional[Callable[[int, int], None]] = None) -> ReplayResult:
+        import torch
+        from lmdeploy.pytorch.messages import UpdateTokenMode
+
+        rng = np.random.default_rng(seed)
+        sched, res = self.scheduler, ReplayResult()
+        wall0 = time.perf_counter()
+        now = 0.0
+        arrivals: list[tuple[float, int]] = []  # (time, uid) of each user's next turn
+        queue = list(range(len(users)))[::-1]  # users not started yet
+        for _ in range(min(concurrency, len(users))):
+            uid = queue.pop()
+            heapq.heappush(arrivals, (0.0, uid))
+        waiting: dict[int, User] = {}  # id(seq) -> user, turns not yet prefilled
+        running: list = []
+        owner: dict[int, User] = {}
+        total_turns = sum(len(u.turns) for u in users)
+
+        def start_turn(user: User) -> None:
+            msg, _ = user.turns[user.turn]
+            if user.seq is None:
+                user.seq = sched.add_session(user.uid).add_sequence(torch.from_numpy(msg))
+            else:
+                user.seq.update_token_ids(torch.from_numpy(msg), mode=UpdateTokenMode.INPUTS)
+                user.seq.activate()
+            user.arrival, user.first_token_at, user.reply_pos = now, None, 0
+            waiting[id(user.seq)] = user
+            owner[id(user.seq)] = user
+
+        def finish_turn(user: User) -> None:
+            user.seq.finish()
+            res.requests += 1
+            user.turn += 1
+            if user.turn < len(user.turns):
+                heapq.heappush(arrivals, (now + float(rng.exponential(think_s)) if think_s > 0 else now, user.uid))
+            else:
+                sched.end_session(user.uid)
+                if queue:
+                    heapq.heappush(arrivals, (now, queue.pop()))
+            if progress:
+                progress(res.requests, total_turns)
+
+        while arrivals or waiting or running:
+            while arrivals and arrivals[0][0] <= now:
+                start_turn(users[heapq.heappop(arrivals)[1]])
+            stepped = False
+            if waiting:
+                out = sched.schedule(is_prefill=True, prealloc_size=0)
+                batch = list(out.running)
+                if batch:
+                    stepped = True
+                    sched.activate_seqs(batch)
+                    host_hits = {id(s): self._pending_host_tokens(s) for s in batch}
+                    restore_bytes, save_bytes = self._take_plan(batch)
+                    res.bytes_restored += restore_bytes
+                    res.bytes_saved += save_bytes
+                    computed = 0
+                    for seq in batch:
+                        waiting.pop(id(seq), None)
+                        host = host_hits[id(seq)]
+                        res.tokens_host_hit += host
+                        res.tokens_gpu_hit += seq.num_history_ids - host
+                        res.tokens_recomputed += seq.num_all_ids - seq.num_history_ids
+                        res.prompt_tokens += seq.num_all_ids
+                        computed += seq.num_all_ids - seq.num_history_ids
+                    # Restores run before the model and the model waits for them;
+                    # saves delay the next forward (copy_plan.py): both add here.
+                    dt = self.cost.prefill_s(computed) + self.cost.copy_s(restore_bytes + save_bytes)
+                    res.restore_seconds += self.cost.copy_s(restore_bytes)
+                    now += dt
+                    for seq in batch:
+                        user = owner[id(seq)]
+                        _, reply = user.turns[user.turn]
+                        if user.first_token_at is None:
+                            user.first_token_at = now
+                            res.ttft.append(now - user.arrival)
+                        seq.update_token_ids(np.array([int(reply[user.reply_pos])]), mode=UpdateTokenMode.PREFILL)
+                        user.reply_pos += 1
+                        user.last_token_at = now
+                        res.output_tokens += 1
+                        if user.reply_pos >= len(reply):
+                            finish_turn(user)
+                        else:
+                            running.append(seq)
+            if running:
+                stepped = True
+                valid = sched.schedule_running(running, num_required_tokens=1, prealloc_size=1)
+                keep = [s for s, ok in zip(running, valid) if ok]
+                for s, ok in zip(running, valid):
+                    if not ok:  # preempted: back to waiting, its tokens so far kept
+                        res.preemptions += 1
+                        waiting[id(s)] = owner[id(s)]
+                restore_bytes, save_bytes = self._take_plan(keep)
+                res.bytes_restored += restore_bytes
+                res.bytes_saved += save_bytes
+                now += self.cost.decode_step_s + self.cost.copy_s(restore_bytes + save_bytes)
+                running = []
+                for seq in keep:
+                    user = owner[id(seq)]
+                    _, reply = user.turns[user.turn]
+                    seq.update_token_ids(np.array([int(reply[user.reply_pos])]), mode=UpdateTokenMode.DECODE)
+                    user.reply_pos += 1
+                    res.itl.append(now - user.last_token_at)
+                    user.last_token_at = now
+                    res.output_tokens += 1
+                    if user.reply_pos >= len(reply):
+                        finish_turn(user)
+                    else:
+                        running.append(seq)
+            if stepped:
+                used = self.tier.index.used if self.tier else 0
+                res.timeline.append((now, res.tokens_gpu_hit, res.tokens_host_hit, res.tokens_recomputed, used))
+            elif arrivals:
+                now = max(now, arrivals[0][0])
+            elif waiting:
+                raise RuntimeError("the scheduler admits nothing: the GPU cache is too small for one request")
+        res.sim_seconds = now
+        res.wall_seconds = time.perf_counter() - wall0
+        if self.tier is not None:
+            res.host = self.tier.metrics()
+        return res
+
+    def _pending_host_tokens(self, seq) -> int:
+        if self.tier is None or not self.tier.has_pending_restore(seq):
+            return 0
+        return len(self.tier._restores[id(seq)].slots) * self.bs
+
+    def _take_plan(self, batch: list) -> tuple[int, int]:
+        """Takes the forward's copy plan as the inputs maker does; returns
+        (bytes restored, bytes saved)."""
+        if self.tier is None or not batch:
+            return 0, 0
+        plan = self.tier.take_plan(batch)
+        restore = len(plan.restore_slots) * self.kv_block_bytes
+        saves = (len(plan.pre_slots) + len(plan.post_slots)) * self.kv_block_bytes
+        return restore, saves

