@@ -1,0 +1,177 @@
+"""One LMDeploy pipeline (PyTorch engine, in this process) through a fixed
+multi-turn plan under greedy decoding; writes what it generated as JSON.
+
+    python tests/gpu/lmdeploy_turns.py --model DIR --out FILE.json [--quant-policy 4]
+        [--gpu-blocks 32] [--host-cache-ratio 8]
+
+Used by test_lmdeploy_engine.py, one process per engine configuration (a
+fresh interpreter each: no engine state, CUDA context or patch state leaks
+from one configuration into the next, and the runs can share the GPU).
+
+The plan: S sessions of T turns, run turn by turn with the sessions
+interleaved (turn 1 of every session, then turn 2, ...), one request at a
+time. Every prompt is token ids (no chat-template round trip through text):
+
+    <s> SYSTEM | <|user|> words <|end|> <|assistant|> REPLY <|end|> | ... | <|user|> words <|end|> <|assistant|>
+
+where SYSTEM (150 tokens) is shared by all sessions and each REPLY is the
+greedy tokens this engine generated for that turn, so turn t's prompt
+repeats turn t-1's prompt and reply exactly. With a GPU cache smaller than
+the sessions' histories, the prefix of a later turn has been evicted from
+the GPU by the other sessions' turns in between.
+
+Each request is its own LMDeploy session (the pipeline API is stateless);
+reuse across turns goes only through the prefix cache, as it does for an
+OpenAI-style client that resends the conversation.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import tiny_model  # noqa: E402
+
+SYSTEM_TOKENS = 150
+
+
+def make_plan(word_ids: list[int], sessions: int, turns: int, seed: int = 1234) -> dict:
+    """Token ids of the shared system prompt and of every user message."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    system = rng.choice(word_ids, SYSTEM_TOKENS).tolist()
+    users = [[rng.choice(word_ids, int(rng.integers(150, 260))).tolist() for _ in range(turns)]
+             for _ in range(sessions)]
+    return {"system": system, "users": users}
+
+
+def prompt_ids(special: dict[str, int], plan: dict, history: list[tuple[list[int], list[int]]],
+               user: list[int]) -> list[int]:
+    """<s> system, then each (user, reply) turn of `history`, then `user` and the generation prompt."""
+    ids = [special["<s>"], special["<|system|>"], *plan["system"], special["<|end|>"]]
+    for u, reply in history:
+        ids += [special["<|user|>"], *u, special["<|end|>"], special["<|assistant|>"], *reply, special["<|end|>"]]
+    ids += [special["<|user|>"], *user, special["<|end|>"], special["<|assistant|>"]]
+    return ids
+
+
+async def _generate(engine, input_ids: list[int], gen_config) -> dict:
+    """One request through AsyncEngine.preprocess/generate, as Pipeline._infer does it."""
+    session = engine.session_mgr.get()
+    request = await engine.preprocess(messages=None, session_id=session, gen_config=gen_config, input_ids=input_ids)
+    tokens: list[int] = []
+    cached, finish, gen_len = 0, None, 0
+    async for out in engine.generate(request, stream_response=False):
+        tokens += list(out.token_ids or [])
+        cached = max(cached, int(out.cached_tokens or 0))
+        finish = out.finish_reason or finish
+        gen_len = out.generate_token_len
+    return {"tokens": tokens, "cached_tokens": cached, "finish_reason": finish, "generate_token_len": gen_len}
+
+
+def _metrics(m) -> dict:
+    """LMDeploy's ScheduleMetrics; the patch adds `host_cache` (a dict) with the tier on."""
+    host = getattr(m, "host_cache", None)
+    return {"prefix_cache_hit_rate": float(m.prefix_cache_hit_rate), "cache_usage": float(m.cache_usage),
+            "host_cache": dict(host) if host is not None else None}
+
+
+def run(args: argparse.Namespace) -> tuple[dict, object]:
+    t0 = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    import lmdeploy
+    from lmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    special = {s: tok.convert_tokens_to_ids(s) for s in tiny_model.SPECIAL}
+    plan = make_plan(tiny_model.word_ids(tok), args.sessions, args.turns, args.seed)
+
+    extra = {}
+    if args.host_cache_ratio > 0:
+        extra["host_cache_ratio"] = args.host_cache_ratio
+    cfg = PytorchEngineConfig(session_len=4096, max_batch_size=8, block_size=64, num_gpu_blocks=args.gpu_blocks,
+                              enable_prefix_caching=True, quant_policy=args.quant_policy, eager_mode=args.eager,
+                              **extra)
+    pipe = pipeline(args.model, backend_config=cfg, log_level="WARNING")
+    t_built = time.perf_counter()
+    engine = pipe.async_engine
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, ignore_eos=True)
+
+    def call(coro):
+        fut = asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop)
+        return fut.result(timeout=args.request_timeout)
+
+    history: list[list[tuple[list[int], list[int]]]] = [[] for _ in range(args.sessions)]
+    turns = []
+    for t in range(args.turns):
+        for s in range(args.sessions):
+            user = plan["users"][s][t]
+            ids = prompt_ids(special, plan, history[s], user)
+            r = call(_generate(engine, ids, gen))
+            history[s].append((user, r["tokens"]))
+            turns.append({"session": s, "turn": t, "input_len": len(ids), **r})
+    t_done = time.perf_counter()
+    # The API server's path (AsyncEngine -> Engine.get_schedule_metrics), on the engine's loop.
+    metrics = _metrics(call(engine.get_schedule_metrics()))
+    try:
+        import lmdeploy_patch
+
+        patch = lmdeploy_patch.status()
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        patch = {"error": repr(e)}
+    result = {
+        "config": {"quant_policy": args.quant_policy, "gpu_blocks": args.gpu_blocks,
+                   "host_cache_ratio": args.host_cache_ratio, "sessions": args.sessions, "turns": args.turns,
+                   "max_new_tokens": args.max_new_tokens, "eager": args.eager},
+        "lmdeploy": lmdeploy.__version__, "patch": patch, "metrics": metrics, "turns": turns,
+        "seconds": {"import_and_build": round(t_built - t0, 2), "requests": round(t_done - t_built, 2)},
+    }
+    return result, pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quant-policy", type=int, default=0)
+    p.add_argument("--gpu-blocks", type=int, default=32)
+    p.add_argument("--host-cache-ratio", type=float, default=0.0, help="0: tier off (the field is not even passed)")
+    p.add_argument("--sessions", type=int, default=6)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--eager", action="store_true", help="eager_mode=True (no CUDA graphs)")
+    p.add_argument("--request-timeout", type=float, default=60.0)
+    args = p.parse_args(argv)
+    try:
+        result, pipe = run(args)
+    except BaseException:  # engine threads may be alive: leave at once, with the traceback
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    os.replace(tmp, args.out)
+    print(json.dumps({k: result[k] for k in ("config", "metrics", "seconds")}), flush=True)
+    # Results are written: a close that hangs must not hold the test up.
+    threading.Timer(30.0, lambda: os._exit(0)).start()
+    try:
+        pipe.close()
+    finally:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
