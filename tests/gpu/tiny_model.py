@@ -2,7 +2,8 @@
 offline, for the GPU tests and benchmarks (no hub, no download).
 
     python tests/gpu/tiny_model.py /tmp/hc-tiny                    # tests: ~5 MB, a few seconds on CPU
-    python tests/gpu/tiny_model.py /tmp/hc-8b --llama3-8b-shape     # benchmarks: built on the GPU
+    python tests/gpu/tiny_model.py /tmp/hc-8b --llama3-8b-shape --corpus .whl/sharegpt_sample.json
+                                                                    # benchmarks: built on the GPU
 
 The tokenizer is a word-level one over generated words (`tokenizers`
 WordLevel with Metaspace, so `decode` gives "word word ..."), wrapped as
@@ -76,6 +77,28 @@ def build_tokenizer(num_words: int = 505, seed: int = 0):
     return fast
 
 
+def build_bpe_tokenizer(corpus: str | os.PathLike, vocab_size: int = 16000):
+    """A byte-level BPE tokenizer trained on ShareGPT text (a file written by
+    `benchmark/sharegpt.py --export`), for benchmarks: real conversations then
+    tokenise to distinct ids of realistic count instead of <unk>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    records = json.loads(Path(corpus).read_text())
+    texts = [m["value"] for r in records for m in r.get("conversations", []) if m.get("value")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=EOS,
+                                   model_max_length=8192, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def word_ids(tokenizer) -> list[int]:
     """The ids of the plain words (what prompts are drawn from)."""
     return [i for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if t not in SPECIAL]
@@ -107,7 +130,7 @@ def _config(vocab_size: int, tokenizer, llama3_8b_shape: bool, initializer_range
 
 
 def build(path: str | os.PathLike, *, llama3_8b_shape: bool = False, num_words: int = 505, seed: int = 0,
-          initializer_range: float | None = None, device: str | None = None) -> Path:
+          initializer_range: float | None = None, device: str | None = None, corpus: str | None = None) -> Path:
     """Write the model directory at `path` (made if missing) and return it.
 
     Idempotent: a directory that already holds a model built with the same
@@ -116,14 +139,15 @@ def build(path: str | os.PathLike, *, llama3_8b_shape: bool = False, num_words: 
     from transformers import GenerationConfig, LlamaForCausalLM
 
     path = Path(path)
-    args = dict(llama3_8b_shape=llama3_8b_shape, num_words=num_words, seed=seed, initializer_range=initializer_range)
+    args = dict(llama3_8b_shape=llama3_8b_shape, num_words=num_words, seed=seed, initializer_range=initializer_range,
+                corpus=str(corpus) if corpus else None)
     stamp = path / "build_args.json"
     if stamp.exists() and json.loads(stamp.read_text()) == args and (path / "config.json").exists():
         return path
     device = device or ("cuda" if llama3_8b_shape else "cpu")
     path.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer(num_words, seed)
+    tokenizer = build_bpe_tokenizer(corpus) if corpus else build_tokenizer(num_words, seed)
     cfg = _config(len(tokenizer), tokenizer, llama3_8b_shape, initializer_range)
     torch.manual_seed(seed)
     if device.startswith("cuda"):
@@ -166,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="where weights are drawn (default: cpu; cuda for the 8B shape)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--initializer-range", type=float, default=None)
+    p.add_argument("--corpus", help="train a byte-level BPE tokenizer on this exported ShareGPT sample "
+                                    "(benchmark/sharegpt.py --export) instead of the word-level test one")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     out = build(a.path, llama3_8b_shape=a.llama3_8b_shape, device=a.device, seed=a.seed,
-                initializer_range=a.initializer_range)
+                initializer_range=a.initializer_range, corpus=a.corpus)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     from transformers import AutoConfig
 
