@@ -184,6 +184,19 @@ class ReplayEngine:
             if progress:
                 progress(res.requests, total_turns)
 
+        def emit_token(seq, mode) -> None:
+            """The forward's sampled token is the reply's next token."""
+            user = owner[id(seq)]
+            _, reply = user.turns[user.turn]
+            seq.update_token_ids(np.array([int(reply[user.reply_pos])]), mode=mode)
+            user.reply_pos += 1
+            user.last_token_at = now
+            res.output_tokens += 1
+            if user.reply_pos >= len(reply):
+                finish_turn(user)
+            else:
+                running.append(seq)
+
         while arrivals or waiting or running:
             while arrivals and arrivals[0][0] <= now:
                 start_turn(users[heapq.heappop(arrivals)[1]])
@@ -214,18 +227,10 @@ class ReplayEngine:
                     now += dt
                     for seq in batch:
                         user = owner[id(seq)]
-                        _, reply = user.turns[user.turn]
                         if user.first_token_at is None:
                             user.first_token_at = now
                             res.ttft.append(now - user.arrival)
-                        seq.update_token_ids(np.array([int(reply[user.reply_pos])]), mode=UpdateTokenMode.PREFILL)
-                        user.reply_pos += 1
-                        user.last_token_at = now
-                        res.output_tokens += 1
-                        if user.reply_pos >= len(reply):
-                            finish_turn(user)
-                        else:
-                            running.append(seq)
+                        emit_token(seq, UpdateTokenMode.PREFILL)
             if running:
                 stepped = True
                 valid = sched.schedule_running(running, num_required_tokens=1, prealloc_size=1)
@@ -240,17 +245,8 @@ class ReplayEngine:
                 now += self.cost.decode_step_s + self.cost.copy_s(restore_bytes + save_bytes)
                 running = []
                 for seq in keep:
-                    user = owner[id(seq)]
-                    _, reply = user.turns[user.turn]
-                    seq.update_token_ids(np.array([int(reply[user.reply_pos])]), mode=UpdateTokenMode.DECODE)
-                    user.reply_pos += 1
-                    res.itl.append(now - user.last_token_at)
-                    user.last_token_at = now
-                    res.output_tokens += 1
-                    if user.reply_pos >= len(reply):
-                        finish_turn(user)
-                    else:
-                        running.append(seq)
+                    res.itl.append(now - owner[id(seq)].last_token_at)
+                    emit_token(seq, UpdateTokenMode.DECODE)
             if stepped:
                 used = self.tier.index.used if self.tier else 0
                 res.timeline.append((now, res.tokens_gpu_hit, res.tokens_host_hit, res.tokens_recomputed, used))

@@ -51,11 +51,17 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return a;
 }
 
-py::dict stats_dict(const Stats& s) {
-  py::dict d;
 #define HC_FIELD(name) d[#name] = s.name
-  HC_FIELD(slots_total); HC_FIELD(slots_used); HC_FIELD(slots_free);
-  HC_FIELD(slot_bytes); HC_FIELD(slot_stride); HC_FIELD(pool_bytes);
+py::dict store_stats_dict(const StoreStats& s) {
+  py::dict d;
+  HC_FIELD(slots_total); HC_FIELD(slot_bytes); HC_FIELD(slot_stride); HC_FIELD(pool_bytes);
+  HC_FIELD(pinned); HC_FIELD(pinned_bytes); HC_FIELD(pin_mode); HC_FIELD(pin_error); HC_FIELD(copy_engine);
+  return d;
+}
+
+py::dict stats_dict(const Stats& s) {
+  py::dict d = store_stats_dict(s);
+  HC_FIELD(slots_used); HC_FIELD(slots_free);
   HC_FIELD(match_queries); HC_FIELD(query_blocks); HC_FIELD(hit_blocks); HC_FIELD(miss_blocks);
   HC_FIELD(evictions); HC_FIELD(collisions);
   HC_FIELD(offload_transfers); HC_FIELD(restore_transfers);
@@ -63,10 +69,9 @@ py::dict stats_dict(const Stats& s) {
   HC_FIELD(offload_existing); HC_FIELD(offload_dropped);
   HC_FIELD(transfers_failed); HC_FIELD(checksum_failures); HC_FIELD(transfers_in_flight);
   HC_FIELD(restore_seconds); HC_FIELD(offload_seconds);
-  HC_FIELD(pinned); HC_FIELD(pinned_bytes); HC_FIELD(pin_mode); HC_FIELD(pin_error); HC_FIELD(copy_engine);
-#undef HC_FIELD
   return d;
 }
+#undef HC_FIELD
 
 void require_1d(const py::array& a, const char* what) {
   if (a.ndim() != 1) throw ConfigError(hostcache::concat(what, " must be a 1-D array, got ", a.ndim(), " dimensions"));
@@ -221,20 +226,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("slot"), py::keep_alive<0, 1>())
       .def("slot_checksum", &SlotStore::slot_checksum)
       .def("block_checksum", &SlotStore::block_checksum)
-      .def("stats", [](const SlotStore& st) {
-        const StoreStats s = st.stats();
-        py::dict d;
-        d["slots_total"] = s.slots_total;
-        d["slot_bytes"] = s.slot_bytes;
-        d["slot_stride"] = s.slot_stride;
-        d["pool_bytes"] = s.pool_bytes;
-        d["pinned"] = s.pinned;
-        d["pinned_bytes"] = s.pinned_bytes;
-        d["pin_mode"] = s.pin_mode;
-        d["pin_error"] = s.pin_error;
-        d["copy_engine"] = s.copy_engine;
-        return d;
-      });
+      .def("stats", [](const SlotStore& st) { return store_stats_dict(st.stats()); });
 
   py::class_<TransferRecord, std::shared_ptr<TransferRecord>>(m, "TransferRecord")
       .def_readonly("id", &TransferRecord::id)

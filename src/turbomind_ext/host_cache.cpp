@@ -251,21 +251,12 @@ Stats HostCache::stats() {
   std::lock_guard<std::mutex> lock(mu_);
   reap_locked();
   Stats s = counters_;
-  s.slots_total = index_.capacity();
+  static_cast<StoreStats&>(s) = store_.stats();
   s.slots_used = index_.used();
   s.slots_free = s.slots_total - s.slots_used;
-  const StoreStats st = store_.stats();
-  s.slot_bytes = st.slot_bytes;
-  s.slot_stride = st.slot_stride;
-  s.pool_bytes = st.pool_bytes;
   s.evictions = index_.evictions();
   s.collisions = index_.collisions();
   s.transfers_in_flight = static_cast<uint32_t>(in_flight_.size());
-  s.pinned = st.pinned;
-  s.pinned_bytes = st.pinned_bytes;
-  s.pin_mode = st.pin_mode;
-  s.pin_error = st.pin_error;
-  s.copy_engine = st.copy_engine;
   return s;
 }
 

@@ -57,9 +57,9 @@ struct OffloadResult {
   uint32_t created = 0, existing = 0, dropped = 0;
 };
 
-struct Stats {
-  uint32_t slots_total = 0, slots_used = 0, slots_free = 0;
-  uint64_t slot_bytes = 0, slot_stride = 0, pool_bytes = 0;
+// The store's figures (slots, pinning, engine) plus the index's and the transfers'.
+struct Stats : StoreStats {
+  uint32_t slots_used = 0, slots_free = 0;
   uint64_t match_queries = 0, query_blocks = 0, hit_blocks = 0, miss_blocks = 0;
   uint64_t evictions = 0, collisions = 0;
   uint64_t offload_transfers = 0, restore_transfers = 0;
@@ -68,9 +68,6 @@ struct Stats {
   uint64_t transfers_failed = 0, checksum_failures = 0;
   uint32_t transfers_in_flight = 0;
   double restore_seconds = 0, offload_seconds = 0;
-  bool pinned = false;
-  uint64_t pinned_bytes = 0;
-  std::string pin_mode, pin_error, copy_engine;
 };
 
 class HostCache {
