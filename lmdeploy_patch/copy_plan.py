@@ -10,7 +10,9 @@ Stream order on a GPU (one copy stream per rank, inside the SlotStore):
   so far (forward N-1 may still write a block being evicted, or read a block
   being reused);
 - model N waits for the copy stream, so it never reads a block before its
-  restore lands, nor overwrites a block an earlier save still reads;
+  restore lands, nor overwrites a block an earlier save still reads (it skips
+  the wait for earlier saves when no block was evicted since the last plan:
+  HostCopyPlan.wait_saves);
 - post saves start after model N wrote the blocks they copy.
 """
 from __future__ import annotations
@@ -81,38 +83,62 @@ class WorkerTier:
     def __init__(self, store: SlotStore, cuda: bool):
         self.store = store
         self.cuda = cuda
-        self._last = None  # the latest copy not yet waited on by a forward
+        # Copies not yet waited on by a forward. The CUDA store runs them in
+        # order on one stream, so waiting on the newest covers the rest; the
+        # CPU store orders only copies that share a slot or a block, so a
+        # forward there waits on each.
+        self._unwaited: list = []
         self.blocks_restored = 0
         self.blocks_saved = 0
         self._waited = 0.0       # seconds forwards spent waiting for copies (resolved)
         self._wait_events: list = []  # CUDA (start, end) events not yet resolved
 
+    def _submit(self, transfer) -> None:
+        # The CUDA store reports a copy it could not queue at once, but
+        # StoreTransfer.error shows it only when done: read it now. A lost
+        # restore would feed this forward stale bytes and a lost save would
+        # leave a matchable slot without them, so the forward must fail.
+        handle = getattr(transfer, "_handle", None)
+        error = handle.error() if handle is not None and hasattr(handle, "error") else ""
+        if error:
+            raise RuntimeError(f"lmdeploy-hostcache: a host-cache {transfer.direction} could not be queued: {error}")
+        if self.cuda:
+            self._unwaited = [transfer]
+        else:
+            self._unwaited = [t for t in self._unwaited if not t.done()]
+            self._unwaited.append(transfer)
+
     def before_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
+        # Without a plan (warmup, a forward LMDeploy built itself) nothing is
+        # known about block reuse: wait for everything, as before the tier.
+        must_wait = plan is None or plan.wait_saves
         if plan is not None:
             if len(plan.pre_slots):
-                self._last = self.store.offload(plan.pre_slots, plan.pre_blocks, after_stream=stream)
+                self._submit(self.store.offload(plan.pre_slots, plan.pre_blocks, after_stream=stream))
                 self.blocks_saved += len(plan.pre_slots)
+                must_wait = True
             if len(plan.restore_slots):
-                self._last = self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=stream)
+                self._submit(self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=stream))
                 self.blocks_restored += len(plan.restore_slots)
-        if self._last is not None:
-            # Copies on the store's stream run in order: waiting on the last
-            # one covers every earlier save and restore.
-            if self.cuda:
-                import torch
+                must_wait = True
+        if not must_wait or not self._unwaited:
+            return
+        if self.cuda:
+            import torch
 
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                self._last.wait_on_stream(stream)
-                end.record(stream)
-                self._wait_events.append((start, end))
-                if len(self._wait_events) > 64:  # resolve finished ones even if nobody reads the figure
-                    self.wait_seconds()
-            else:
-                t0 = time.perf_counter()
-                self._last.wait()
-                self._waited += time.perf_counter() - t0
-            self._last = None
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            self._unwaited[-1].wait_on_stream(stream)
+            end.record(stream)
+            self._wait_events.append((start, end))
+            if len(self._wait_events) > 64:  # resolve finished ones even if nobody reads the figure
+                self.wait_seconds()
+        else:
+            t0 = time.perf_counter()
+            for t in self._unwaited:
+                t.wait()
+            self._waited += time.perf_counter() - t0
+        self._unwaited = []
 
     def wait_seconds(self) -> float:
         """Time forwards spent waiting for host copies: what the tier cost them."""
@@ -127,8 +153,14 @@ class WorkerTier:
 
     def after_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
         if plan is not None and len(plan.post_slots):
-            self._last = self.store.offload(plan.post_slots, plan.post_blocks, after_stream=stream)
+            self._submit(self.store.offload(plan.post_slots, plan.post_blocks, after_stream=stream))
             self.blocks_saved += len(plan.post_slots)
+
+    def close(self) -> None:
+        """Waits for every copy this rank started (the pools are about to go)."""
+        for t in self._unwaited:
+            t.wait()
+        self._unwaited = []
 
 
 def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",

@@ -13,6 +13,10 @@ Why each hook is safe:
 - agent._restore_cache_checkpoint / _save_cache_checkpoint: LMDeploy calls
   them on the forward stream right before and after the model; they are
   looked up as module globals at call time, so replacing them takes effect.
+- BaseModelAgent.sleep / Engine.sleep: sleep releases the KV pools (wakeup
+  builds new ones, possibly for new weights). The rank's store holds the
+  pools, so it is dropped after LMDeploy's sleep drained the device, and the
+  scheduler forgets every host entry: the new stores start empty.
 """
 from __future__ import annotations
 
@@ -33,6 +37,15 @@ def local_workers() -> list:
     return list(_WORKERS.values())
 
 
+def drop_worker(cache_engine_id) -> bool:
+    """Forgets a rank's store once its pools are released; True if there was one."""
+    worker = _WORKERS.pop(cache_engine_id, None) if cache_engine_id is not None else None
+    if worker is None:
+        return False
+    worker.close()
+    return True
+
+
 @when_imported("lmdeploy.pytorch.engine.executor.base")
 def _patch_executor(module) -> None:
     def patch() -> None:
@@ -45,7 +58,9 @@ def _patch_executor(module) -> None:
             update(self, free_mems, cache_block_sizes, spec_cache_config)
             from .engine_setup import size_host_pool
 
-            size_host_pool(self.cache_config, [c.target for c in cache_block_sizes], spec_cache_config)
+            size_host_pool(self.cache_config, [c.target for c in cache_block_sizes], spec_cache_config,
+                           memory_model_cache=any(getattr(c, "memory", 0) for c in cache_block_sizes),
+                           model_paradigm=getattr(getattr(self, "model_config", None), "model_paradigm", "ar"))
 
         STATE.patcher.setattr(Executor, "_update_num_gpu_blocks", _update_num_gpu_blocks)
 
@@ -86,6 +101,8 @@ def _patch_agent(module) -> None:
         Agent = require_attr(module, "BaseModelAgent", "agent")
         build = require_params(require_attr(Agent, "build_cache_engine", "BaseModelAgent"), ["self"],
                                "BaseModelAgent.build_cache_engine")
+        agent_sleep = require_params(require_attr(Agent, "sleep", "BaseModelAgent"), ["self", "level"],
+                                     "BaseModelAgent.sleep")
 
         def _current_stream(worker):
             if not worker.cuda:
@@ -108,18 +125,55 @@ def _patch_agent(module) -> None:
             return result
 
         def build_cache_engine(self):
+            # A rebuild without sleep (wakeup of a never-slept agent): the old
+            # store must not keep the replaced pools alive.
+            drop_worker(self.__dict__.pop("_hc_worker_key", None))
             build(self)
             from .engine_setup import build_rank_store
 
             worker = build_rank_store(self)
             if worker is not None:
                 _WORKERS[id(self.cache_engine)] = worker
+                self._hc_worker_key = id(self.cache_engine)
+
+        async def sleep(self, level: int = 1):
+            result = await agent_sleep(self, level)
+            key = self.__dict__.pop("_hc_worker_key", None)
+            # LMDeploy synchronized the device and emptied its cache while our
+            # store still held the pools: drop it and empty the cache again,
+            # or wakeup allocates a second KV cache next to the first.
+            if key is not None and drop_worker(key):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            return result
 
         STATE.patcher.setattr(module, "_restore_cache_checkpoint", _restore_cache_checkpoint)
         STATE.patcher.setattr(module, "_save_cache_checkpoint", _save_cache_checkpoint)
         STATE.patcher.setattr(Agent, "build_cache_engine", build_cache_engine)
+        STATE.patcher.setattr(Agent, "sleep", sleep)
 
     apply("agent.copies", patch)
+
+
+@when_imported("lmdeploy.pytorch.engine.engine")
+def _patch_engine(module) -> None:
+    def patch() -> None:
+        Engine = require_attr(module, "Engine", "lmdeploy.pytorch.engine.engine")
+        engine_sleep = require_params(require_attr(Engine, "sleep", "Engine"), ["self", "level"], "Engine.sleep")
+
+        async def sleep(self, level: int = 1):
+            result = await engine_sleep(self, level)
+            scheduler = getattr(self, "scheduler", None)
+            tier = scheduler.__dict__.get("_hc_tier") if scheduler is not None else None
+            if tier is not None:
+                tier.reset()  # the ranks dropped their stores with the pools
+            return result
+
+        STATE.patcher.setattr(Engine, "sleep", sleep)
+
+    apply("engine.sleep", patch)
 
 
 def copy_path() -> str:

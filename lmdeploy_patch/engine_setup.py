@@ -35,6 +35,12 @@ def off_reason(cache_config: Any) -> Optional[str]:
         return "sliding-window attention overwrites blocks in place"
     if cache_config.role != EngineRole.Hybrid:
         return f"disaggregated {cache_config.role.name} engines hand KV to their peer instead"
+    transfer = getattr(cache_config, "kv_transfer_config", None)
+    if transfer is not None and getattr(transfer, "is_kv_transfer_instance", False):
+        # The connector's external loads write blocks past the local match
+        # and its admission path (load started, snapshot rollback) never
+        # reaches the forward that would carry a host restore.
+        return "an external KV connector (kv_transfer_config) manages the tier below the GPU cache"
     return None
 
 
@@ -70,8 +76,8 @@ def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on
 
 def prepare_scheduler_cache_config(cache_config: Any) -> None:
     """Before the Scheduler is built: the tier needs the prefix cache."""
-    if not requested(cache_config):
-        return
+    if not requested(cache_config) or cache_config.__dict__.get("_hc_off"):
+        return  # already turned off, and said why, when the pool was sized
     reason = off_reason(cache_config)
     if reason is None and getattr(cache_config, "host_cache_slots", 0) <= 0:
         reason = "no host pool was sized for this engine (host_cache_slots is unset)"
@@ -103,7 +109,8 @@ def attach_scheduler_tier(scheduler: Any) -> None:
     log_once(f"host cache on: {cc.host_cache_slots} blocks per rank, write policy {tier.write_policy}")
 
 
-def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cache_config: Any) -> None:
+def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cache_config: Any,
+                   memory_model_cache: bool = False, model_paradigm: str = "ar") -> None:
     """In the driver, once num_gpu_blocks is final: decide the tier and the
     slot count that the scheduler and every rank will use."""
     if not requested(cache_config):
@@ -111,6 +118,12 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
     reason = off_reason(cache_config)
     if reason is None and spec_cache_config is not None:
         reason = "speculative decoding keeps a draft-model KV cache that the host tier does not save"
+    if reason is None and model_paradigm != "ar":
+        # dLLM decoding refills masked positions of a block across forwards;
+        # only autoregressive blocks are known to be final once attached.
+        reason = f"{model_paradigm} decoding is not supported by the host tier (autoregressive models only)"
+    if reason is None and memory_model_cache:
+        reason = "MemDecode keeps a memory-model KV cache in the same blocks that the host tier does not save"
     if reason is not None:
         cache_config._hc_off = reason
         log_once(f"host cache off for this engine: {reason}; serving without it")

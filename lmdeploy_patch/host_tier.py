@@ -55,14 +55,21 @@ class HostCopyPlan:
     restore_blocks: np.ndarray
     post_slots: np.ndarray
     post_blocks: np.ndarray
+    # Whether the model must wait for saves queued by earlier forwards. A
+    # saved block is trie-owned, and only an eviction frees a trie-owned
+    # block for reuse: without one since the last plan, no block an earlier
+    # save still reads can be rewritten by this forward. (This plan's own
+    # pre saves and restores are always waited for.)
+    wait_saves: bool = True
 
     @staticmethod
-    def build(pre: list[tuple[int, int]], restore: list[tuple[int, int]], post: list[tuple[int, int]]) -> "HostCopyPlan":
+    def build(pre: list[tuple[int, int]], restore: list[tuple[int, int]], post: list[tuple[int, int]],
+              wait_saves: bool = True) -> "HostCopyPlan":
         def cols(pairs):
             a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
             return a[:, 0].astype(np.uint32), a[:, 1].astype(np.int32)
 
-        return HostCopyPlan(*cols(pre), *cols(restore), *cols(post))
+        return HostCopyPlan(*cols(pre), *cols(restore), *cols(post), wait_saves=wait_saves)
 
     def is_empty(self) -> bool:
         return not (len(self.pre_slots) or len(self.restore_slots) or len(self.post_slots))
@@ -94,6 +101,7 @@ class HostTier:
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"host_cache_write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
         self.index = _core.PrefixIndex(num_slots, block_size)
+        self._evictions_before = 0  # host evictions of indexes dropped by reset()
         self.block_size = block_size
         self.write_policy = write_policy
         self.bytes_per_block = bytes_per_block  # over all ranks
@@ -102,6 +110,10 @@ class HostTier:
         self._pre: list[tuple[int, int]] = []   # (slot, physical block) saved before the next forward
         self._post_nodes: list[Any] = []        # nodes whose block the next forward computes
         self._restores: dict[int, _PendingRestore] = {}  # id(seq) -> restore waiting for its forward
+        self._evicted = False  # the GPU trie evicted a block since the last plan (see HostCopyPlan.wait_saves)
+        # id(seq) -> tokens its tentative match looked up in host memory, hit
+        # or miss: a rollback undoes them, as LMDeploy restores its own stats.
+        self._queried: dict[int, int] = {}
 
     # ----- keys ---------------------------------------------------------
 
@@ -140,12 +152,19 @@ class HostTier:
     def on_evict(self, node: Any) -> None:
         """The GPU trie is evicting this leaf; its block is still allocated
         (LMDeploy frees the batch at the end of the eviction pass)."""
+        # Any policy: the block may be reused by the next forward while an
+        # earlier save still reads it (HostCopyPlan.wait_saves).
+        self._evicted = True
         if self.write_policy != "write_back" or node.__dict__.get("_hc_key") is None or node._hc_saved:
             return
         physical = int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])
         slot = self._store(node)
         if slot is not None:
             self._pre.append((slot, physical))
+
+    def note_evicted(self) -> None:
+        """The GPU trie freed trie-owned blocks (BlockTrie.evict)."""
+        self._evicted = True
 
     def _store(self, node: Any) -> Optional[int]:
         """Inserts the node's block into the index; the slot to copy it to,
@@ -171,6 +190,12 @@ class HostTier:
         cursor = seq.prefix_cache.trie_cursor
         if cursor is None or id(seq) in self._restores or seq.prefix_cache.multimodal_spans:
             return
+        # Router replay: LMDeploy replays the routed experts of GPU hits from
+        # the trie nodes (and stops its own match where they are missing);
+        # host entries carry none, so a host hit would leave the sequence's
+        # routed-expert history short and misaligned.
+        if seq.return_routed_experts:
+            return
         parent_key = self.key_of(cursor)
         start = cursor.prefix_len
         if parent_key is None or seq.num_history_ids != start:
@@ -184,6 +209,7 @@ class HostTier:
             return
         tokens = seq.history_cache[start:end]
         self.stats.queried_tokens += end - start
+        self._queried[id(seq)] = end - start
         steps = self.index.match(parent_key, adapter_namespace(seq.adapter_name), as_tokens(tokens), True)
         if not steps:
             return
@@ -198,6 +224,7 @@ class HostTier:
     def cancel(self, seq: Any) -> None:
         """The sequence gave up its blocks (rollback, preemption, stop, end)
         before its restore was planned: drop the pins."""
+        self.stats.queried_tokens -= self._queried.pop(id(seq), 0)  # a retried match counts them again
         pending = self._restores.pop(id(seq), None)
         if pending is not None:
             self.stats.hit_tokens -= len(pending.slots) * self.block_size
@@ -218,6 +245,7 @@ class HostTier:
         pre, self._pre = self._pre, []
         restore: list[tuple[int, int]] = []
         for seq in running:
+            self._queried.pop(id(seq), None)
             pending = self._restores.pop(id(seq), None)
             if pending is None:
                 continue
@@ -244,7 +272,17 @@ class HostTier:
             slot = self._store(node)
             if slot is not None:
                 post.append((slot, int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])))
-        return HostCopyPlan.build(pre, restore, post)
+        wait_saves, self._evicted = self._evicted, False
+        return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves)
+
+    def reset(self) -> None:
+        """The engine slept: its KV pools were released (and the ranks'
+        stores with them) and the weights may change before it wakes. Forget
+        every host entry and everything planned; figures stay cumulative."""
+        self._evictions_before += self.index.evictions
+        self.index = _core.PrefixIndex(self.index.capacity, self.block_size)
+        self._pre, self._post_nodes, self._restores, self._queried = [], [], {}, {}
+        self._evicted = False
 
     def has_pending_restore(self, seq: Any) -> bool:
         return id(seq) in self._restores
@@ -259,7 +297,7 @@ class HostTier:
             "host_blocks_saved": s.blocks_saved, "host_blocks_restored": s.blocks_restored,
             "host_bytes_saved": s.blocks_saved * self.bytes_per_block,
             "host_bytes_restored": s.blocks_restored * self.bytes_per_block,
-            "host_saves_dropped": s.saves_dropped, "host_evictions": self.index.evictions,
+            "host_saves_dropped": s.saves_dropped, "host_evictions": self._evictions_before + self.index.evictions,
             "host_slots_used": used, "host_slots_total": total, "host_occupancy": used / total,
         }
         # Ranks in this process (the single-GPU executor) report how long

@@ -106,11 +106,19 @@ def set_host_gauges(logger: Any, host: dict) -> None:
 
     if logger.__dict__.get("_hc_gauges") is None:
         labels = logger.__dict__.get("_hc_labels", ["", "0"])
-        logger._hc_gauges = {
-            suffix: prometheus_client.Gauge(name=f"lmdeploy:host_cache_{suffix}", documentation=doc,
-                                            labelnames=["model_name", "engine"]).labels(*labels)
-            for suffix, (_, doc) in GAUGES.items()
-        }
+        logger._hc_gauges = {suffix: _gauge(prometheus_client, f"lmdeploy:host_cache_{suffix}", doc).labels(*labels)
+                             for suffix, (_, doc) in GAUGES.items()}
     for suffix, (key, _) in GAUGES.items():
         if key in host:
             logger._hc_gauges[suffix].set(host[key])
+
+
+def _gauge(prometheus_client: Any, name: str, doc: str) -> Any:
+    """The registered gauge of that name, or a new one. Several stat loggers
+    in one process (one per DP rank) share the gauge through their labels;
+    registering it twice would raise. (A new PrometheusStatLogger unregisters
+    every lmdeploy collector, ours included, so a gauge is recreated then.)"""
+    existing = getattr(prometheus_client.REGISTRY, "_names_to_collectors", {}).get(name)
+    if isinstance(existing, prometheus_client.Gauge):
+        return existing
+    return prometheus_client.Gauge(name=name, documentation=doc, labelnames=["model_name", "engine"])

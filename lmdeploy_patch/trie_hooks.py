@@ -12,6 +12,8 @@ Why each hook is safe:
   its references; we only advance the step past host hits, as a GPU hit does.
 - BlockTrie.allocate: we record the fresh block ids before LMDeploy's
   dedup may swap them for another sequence's blocks.
+- BlockTrie.evict: only notes that trie-owned blocks were freed (the next
+  forward must then wait for earlier saves, HostCopyPlan.wait_saves).
 - rollback / release_paging_resources: the sequence gives its blocks back;
   we drop the slot pins of a restore that will never be planned.
 - Scheduler.__init__: builds the tier once the trie and allocator exist.
@@ -64,6 +66,8 @@ def _patch_trie(module) -> None:
                                   "BlockTrie.allocate")
         get_root = require_params(require_attr(BlockTrie, "_get_or_create_root", "BlockTrie"),
                                   ["self", "adapter_name"], "BlockTrie._get_or_create_root")
+        evict = require_params(require_attr(BlockTrie, "evict", "BlockTrie"), ["self", "max_num_blocks"],
+                               "BlockTrie.evict")
 
         def _match_block_prefix(self, seq):
             tier = tier_of(self)
@@ -92,6 +96,16 @@ def _patch_trie(module) -> None:
                 root._hc_tier = tier
             return root
 
+        def evict_(self, max_num_blocks):
+            evicted = evict(self, max_num_blocks)
+            tier = tier_of(self)
+            if tier is not None and evicted:
+                # Every way a trie-owned block is freed goes through here
+                # (detach_leaf is skipped for a stale detached leaf).
+                tier.note_evicted()
+            return evicted
+
+        STATE.patcher.setattr(BlockTrie, "evict", evict_)
         STATE.patcher.setattr(BlockTrie, "_match_block_prefix", _match_block_prefix)
         STATE.patcher.setattr(BlockTrie, "allocate", allocate_)
         STATE.patcher.setattr(BlockTrie, "_get_or_create_root", _get_or_create_root)

@@ -96,8 +96,10 @@ class SimEngine:
     def _rows(self, block: int) -> torch.Tensor:
         return self.pool[:, block, :].view(self.layers, self.bs, self.row_bytes)
 
-    def forward(self, running: list) -> None:
-        plan = self.tier.take_plan(running) if self.tier is not None else None
+    def forward(self, running: list, plan=None) -> None:
+        """One forward; `plan` is the one its payload carries (taken here when None)."""
+        if plan is None and self.tier is not None:
+            plan = self.tier.take_plan(running)
         if self.worker is not None:
             self.worker.before_model(plan, stream=None)
         tables = self.scheduler.get_block_tables(running)

@@ -110,3 +110,101 @@ def test_host_pool_sizing_by_ratio_size_and_ram():
     with pytest.raises(ValueError, match="smaller than one KV block"):
         host_pool_slots(SimpleNamespace(host_cache_ratio=0.001, host_cache_size=None, num_gpu_blocks=10),
                         [1 << 20], 1, available_ram=12 * GiB)
+
+
+class _FakeTransfer:
+    def __init__(self, log, name):
+        self.log, self.name, self.finished = log, name, False
+
+    def done(self):
+        return self.finished
+
+    def wait(self):
+        self.log.append(("wait", self.name))
+        self.finished = True
+        return True
+
+    def wait_on_stream(self, stream):
+        self.log.append(("stream_wait", self.name))
+
+
+class _FakeStore:
+    def __init__(self):
+        self.log, self.n = [], 0
+
+    def _t(self, kind):
+        self.n += 1
+        self.log.append((kind, self.n))
+        return _FakeTransfer(self.log, self.n)
+
+    def offload(self, slots, blocks, after_stream=None):
+        return self._t("offload")
+
+    def restore(self, slots, blocks, after_stream=None):
+        return self._t("restore")
+
+
+def _plan(pre=(), restore=(), post=(), wait_saves=True):
+    return HostCopyPlan.build(list(pre), list(restore), list(post), wait_saves=wait_saves)
+
+
+def test_cpu_forward_waits_for_every_unordered_copy():
+    """The CPU store orders only copies sharing a slot or block: a forward
+    waits for each earlier copy, not only the newest."""
+    from lmdeploy_patch.copy_plan import WorkerTier
+
+    store = _FakeStore()
+    w = WorkerTier(store, cuda=False)
+    w.before_model(_plan(), None)
+    w.after_model(_plan(post=[(1, 2)]), None)                     # copy 1: post save of forward 1
+    w.before_model(_plan(pre=[(3, 4)], restore=[(5, 6)]), None)   # copies 2, 3
+    assert ("wait", 1) in store.log and ("wait", 2) in store.log and ("wait", 3) in store.log
+
+
+def test_forward_skips_waiting_for_saves_when_no_block_was_freed():
+    from lmdeploy_patch.copy_plan import WorkerTier
+
+    store = _FakeStore()
+    w = WorkerTier(store, cuda=False)
+    w.after_model(_plan(post=[(1, 2)]), None)
+    w.before_model(_plan(wait_saves=False), None)  # no eviction since: the save may run on
+    assert not [e for e in store.log if e[0] == "wait"]
+    w.before_model(_plan(wait_saves=True), None)   # an eviction: its block may be reused now
+    assert ("wait", 1) in store.log
+    store.log.clear()
+    w.after_model(_plan(post=[(1, 2)]), None)
+    w.before_model(_plan(restore=[(3, 4)], wait_saves=False), None)  # own restores: always waited
+    assert ("wait", 2) in store.log and ("wait", 3) in store.log
+    store.log.clear()
+    w.after_model(_plan(post=[(1, 2)]), None)
+    w.before_model(None, None)  # a forward without a plan waits for everything
+    assert ("wait", 4) in store.log
+
+
+def test_tier_stays_off_with_a_connector_memdecode_or_dllm():
+    from lmdeploy.messages import KVTransferConfig
+    from lmdeploy_patch.engine_setup import off_reason, size_host_pool
+
+    cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10,
+                     kv_transfer_config=KVTransferConfig(kv_connector="MooncakeStoreConnector", kv_role="kv_both"))
+    assert "connector" in off_reason(cc)
+    cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10)
+    assert off_reason(cc) is None
+    cc.host_cache_ratio = 1.0
+    size_host_pool(cc, [1 << 20], None, memory_model_cache=True)
+    assert "MemDecode" in cc._hc_off and not getattr(cc, "host_cache_slots", 0)
+    cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10)
+    cc.host_cache_ratio = 1.0
+    size_host_pool(cc, [1 << 20], None, model_paradigm="dllm")
+    assert "dllm" in cc._hc_off
+
+
+def test_drop_worker_closes_the_store():
+    plan, allocation, cc = llama_plan(0)
+    cc.host_cache_slots = 4
+    worker = build_worker_tier(cc, allocation, plan.kernel_blocks_per_logical_block)
+    key = object()
+    engine_hooks._WORKERS[id(key)] = worker
+    worker.after_model(HostCopyPlan.build([], [], [(0, 1)]), None)
+    assert engine_hooks.drop_worker(id(key)) and id(key) not in engine_hooks._WORKERS
+    assert not engine_hooks.drop_worker(id(key)) and not engine_hooks.drop_worker(None)
