@@ -6,9 +6,10 @@ Stream order on a GPU (one copy stream per rank, inside the SlotStore):
   forward stream:  ... forward N-1 | wait(copies) | model N | ...
   copy stream:     after(N-1): pre saves, restores | after(model N): post saves
 
-- pre saves and restores start after everything queued on the forward stream
-  so far (forward N-1 may still write a block being evicted, or read a block
-  being reused);
+- pre saves start after everything queued on the forward stream so far
+  (forward N-1 may still write a block being evicted); restores too when one
+  of their blocks belonged to the batches in flight, else they start at once
+  and overlap forward N-1 (HostCopyPlan.restore_after_forward);
 - model N waits for the copy stream, so it never reads a block before its
   restore lands, nor overwrites a block an earlier save still reads (it skips
   the wait for earlier saves when no block was evicted since the last plan:
@@ -118,7 +119,9 @@ class WorkerTier:
                 self.blocks_saved += len(plan.pre_slots)
                 must_wait = True
             if len(plan.restore_slots):
-                self._submit(self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=stream))
+                # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
+                after = stream if plan.restore_after_forward or stream is None else 0
+                self._submit(self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=after))
                 self.blocks_restored += len(plan.restore_slots)
                 must_wait = True
         if not must_wait or not self._unwaited:

@@ -61,15 +61,22 @@ class HostCopyPlan:
     # save still reads can be rewritten by this forward. (This plan's own
     # pre saves and restores are always waited for.)
     wait_saves: bool = True
+    # Whether restores must start after the forwards already queued. A
+    # restore writes blocks just allocated; one of them can still be in use
+    # by the forward in flight only if it belonged to that forward's batch
+    # (a sequence that ended or was preempted while its last step runs).
+    # Otherwise the restore runs on the copy stream while that forward computes.
+    restore_after_forward: bool = True
 
     @staticmethod
     def build(pre: list[tuple[int, int]], restore: list[tuple[int, int]], post: list[tuple[int, int]],
-              wait_saves: bool = True) -> "HostCopyPlan":
+              wait_saves: bool = True, restore_after_forward: bool = True) -> "HostCopyPlan":
         def cols(pairs):
             a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
             return a[:, 0].astype(np.uint32), a[:, 1].astype(np.int32)
 
-        return HostCopyPlan(*cols(pre), *cols(restore), *cols(post), wait_saves=wait_saves)
+        return HostCopyPlan(*cols(pre), *cols(restore), *cols(post), wait_saves=wait_saves,
+                            restore_after_forward=restore_after_forward)
 
     def is_empty(self) -> bool:
         return not (len(self.pre_slots) or len(self.restore_slots) or len(self.post_slots))
@@ -111,6 +118,10 @@ class HostTier:
         self._post_nodes: list[Any] = []        # nodes whose block the next forward computes
         self._restores: dict[int, _PendingRestore] = {}  # id(seq) -> restore waiting for its forward
         self._evicted = False  # the GPU trie evicted a block since the last plan (see HostCopyPlan.wait_saves)
+        # Physical blocks of the last two planned batches (HostCopyPlan.
+        # restore_after_forward): one forward is in flight while LMDeploy
+        # schedules the next; the older set is a margin.
+        self._in_flight: tuple[set, set] = (set(), set())
         # id(seq) -> tokens its tentative match looked up in host memory, hit
         # or miss: a rollback undoes them, as LMDeploy restores its own stats.
         self._queried: dict[int, int] = {}
@@ -273,7 +284,12 @@ class HostTier:
             if slot is not None:
                 post.append((slot, int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])))
         wait_saves, self._evicted = self._evicted, False
-        return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves)
+        busy = self._in_flight[0] | self._in_flight[1]
+        after_forward = bool(pre) or any(block in busy for _, block in restore)
+        tables = [self.allocator.get_physical_blocks(np.asarray(seq.logical_blocks.get_real_blocks()))
+                  for seq in running]
+        self._in_flight = (set(np.concatenate(tables).tolist()) if tables else set(), self._in_flight[0])
+        return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves, restore_after_forward=after_forward)
 
     def reset(self) -> None:
         """The engine slept: its KV pools were released (and the ranks'
@@ -283,6 +299,7 @@ class HostTier:
         self.index = _core.PrefixIndex(self.index.capacity, self.block_size)
         self._pre, self._post_nodes, self._restores, self._queried = [], [], {}, {}
         self._evicted = False
+        self._in_flight = (set(), set())
 
     def has_pending_restore(self, seq: Any) -> bool:
         return id(seq) in self._restores

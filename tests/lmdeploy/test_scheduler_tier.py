@@ -295,3 +295,32 @@ def test_every_payload_with_model_work_carries_the_plan():
     seq.finish()
     eng.end_all()
     assert_balanced(eng)
+
+
+def test_restores_overlap_the_forward_in_flight_unless_it_uses_their_blocks():
+    """restore_after_forward is set exactly when a restore writes a block of
+    the previous two batches (a forward in flight may still use it) or the
+    plan saves evicted blocks first; otherwise the restore overlaps that forward."""
+    import numpy as np
+
+    eng = SimEngine(num_gpu_blocks=24, host_slots=64, policy="write_through")
+    alloc = eng.scheduler.block_manager.allocator
+    batches: list[set] = [set(), set()]
+    plans = []
+    take = eng.tier.take_plan
+
+    def recording_take(running):
+        plan = take(running)
+        plans.append((plan, batches[-1] | batches[-2]))
+        batches.append({int(b) for seq in running
+                        for b in alloc.get_physical_blocks(np.asarray(seq.logical_blocks.get_real_blocks()))})
+        return plan
+
+    eng.tier.take_plan = recording_take
+    chat_workload(eng, rounds=4)
+    with_restores = [(p, busy) for p, busy in plans if len(p.restore_slots)]
+    assert with_restores
+    for plan, busy in with_restores:
+        expect = bool(len(plan.pre_slots)) or any(int(b) in busy for b in plan.restore_blocks)
+        assert plan.restore_after_forward == expect
+    assert any(not p.restore_after_forward for p, _ in with_restores), "no restore could overlap a forward"
