@@ -199,7 +199,13 @@ class HostTier:
         memory: pin the hit slots, advance the sequence past them (the normal
         allocation then gives them fresh blocks), count the hit tokens."""
         cursor = seq.prefix_cache.trie_cursor
-        if cursor is None or id(seq) in self._restores or seq.prefix_cache.multimodal_spans:
+        if cursor is None or id(seq) in self._restores:
+            return
+        if seq.prefix_cache.multimodal_spans:
+            from .engine_setup import log_once
+
+            log_once("requests with multimodal inputs are served by the GPU prefix cache only (their blocks carry "
+                     "content identity the host index does not key on)")
             return
         # Router replay: LMDeploy replays the routed experts of GPU hits from
         # the trie nodes (and stops its own match where they are missing);
