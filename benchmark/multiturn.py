@@ -223,6 +223,48 @@ def run_server_mode(args: argparse.Namespace) -> dict[str, dict]:
     return runs
 
 
+def run_pipeline_mode(args: argparse.Namespace) -> dict[str, dict]:
+    """Tier off and on, each in a fresh in-process pipeline (same model, GPU cache, seed)."""
+    import gc
+
+    import torch
+    from lmdeploy import PytorchEngineConfig, pipeline
+
+    from pipeline_client import run_pipeline_users
+
+    convs = conversations_text(args)
+    pinned = pinned_copy_gbps()
+    runs = {}
+    for name, ratio in ([("off", 0.0), ("on", args.host_ratio)] if args.compare else [("on", args.host_ratio)]):
+        extra = {"host_cache_ratio": ratio} if ratio > 0 else {}
+        cfg = PytorchEngineConfig(num_gpu_blocks=args.server_gpu_blocks, max_batch_size=args.max_batches,
+                                  block_size=args.block_size, enable_prefix_caching=True, session_len=32768,
+                                  quant_policy=args.quant_policy, **extra)
+        pipe = pipeline(args.pipeline, backend_config=cfg, log_level="WARNING")
+        try:
+            records, before, after = run_pipeline_users(pipe, convs, args.concurrency, args.think_s, args.seed)
+        finally:
+            pipe.close()
+            del pipe
+            gc.collect()
+            torch.cuda.empty_cache()
+        runs[name] = summarize_server(records, before, after, pinned)
+    return runs
+
+
+def report_measured(args: argparse.Namespace, runs: dict[str, dict], where: str) -> int:
+    print(f"\n## {args.scenario}: {where}, tier " + " vs ".join(runs))
+    print(f"{'':32}" + "".join(f"{n:>24}" for n in runs))
+    for label, fn in SERVER_ROWS:
+        print(f"{label:32}" + "".join(f"{fn(r):>24}" for r in runs.values()))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"scenario": args.scenario, "mode": where, "config": vars(args), **runs}, f)
+        plot(runs, args.plots or os.path.dirname(os.path.abspath(args.json)))
+    return 0
+
+
 def conversations_text(args: argparse.Namespace) -> list[list[tuple[str, int]]]:
     """(user message, reply length in tokens) per turn, from the same sample as the replay."""
     tok = SimpleTokenizer()
@@ -336,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--replay", action="store_true", help="CPU replay through LMDeploy's real scheduler")
     mode.add_argument("--server", metavar="MODEL_DIR", help="start lmdeploy api_servers for MODEL_DIR (GPU)")
     mode.add_argument("--url", help="drive an api_server already running at this base URL")
-    ap.add_argument("--compare", action="store_true", help="--server: run with the tier off and on")
+    mode.add_argument("--pipeline", metavar="MODEL_DIR", help="drive an in-process LMDeploy pipeline (GPU)")
+    ap.add_argument("--compare", action="store_true", help="--server/--pipeline: run with the tier off and on")
     ap.add_argument("--port", type=int, default=23333)
     ap.add_argument("--host-ratio", type=float, default=8.0, help="--server: host_cache_ratio of the 'on' run")
     ap.add_argument("--server-gpu-blocks", type=int, default=256, help="--server: GPU KV cache in blocks")
@@ -379,19 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                      else "command line")
 
     t0 = time.perf_counter()
+    if args.pipeline:
+        runs = run_pipeline_mode(args)
+        return report_measured(args, runs, "in-process pipeline")
     if args.server or args.url:
         os.makedirs(args.log_dir, exist_ok=True)
-        runs = run_server_mode(args)
-        print(f"\n## {args.scenario}: api_server, tier " + " vs ".join(runs))
-        print(f"{'':32}" + "".join(f"{n:>24}" for n in runs))
-        for label, fn in SERVER_ROWS:
-            print(f"{label:32}" + "".join(f"{fn(r):>24}" for r in runs.values()))
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump({"scenario": args.scenario, "config": vars(args), **runs}, f)
-            plot(runs, args.plots or os.path.dirname(os.path.abspath(args.json)))
-        return 0
+        return report_measured(args, run_server_mode(args), "api_server")
     users = build_users(args)
     ws = working_set_blocks(users, args.block_size)
     live = int(np.mean(ws) * min(args.concurrency, len(users)))

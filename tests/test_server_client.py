@@ -100,3 +100,60 @@ def test_users_walk_conversations_and_metrics_add_up():
     assert s["tokens_gpu_hit"] + s["tokens_host_hit"] + s["tokens_recomputed"] == s["prompt_tokens"] > 0
     assert s["tokens_host_hit"] == srv.counters["host"] and s["restore_gbps"] == pytest.approx(1000 / 1e-6 / 1e9)
     assert 0 < s["ttft_p50_s"] < 5 and s["itl_p50_s"] > 0
+
+
+class FakePipe:
+    """The parts of an LMDeploy Pipeline the pipeline client uses, with an
+    engine that streams `max_new_tokens` tokens per request."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.internal_thread = SimpleNamespace(loop=self.loop)
+        self.tokenizer = SimpleNamespace(decode=lambda ids: " ".join(f"t{i}" for i in ids))
+        self.seen: list = []
+        hits = {"host": 0}
+        ns = SimpleNamespace
+
+        class Engine:
+            session_mgr = ns(get=lambda: object())
+
+            async def preprocess(self_, messages, session_id, gen_config):
+                self.seen.append(list(messages))
+                return ns(input_token_len=sum(len(m["content"].split()) for m in messages), gen=gen_config,
+                          earlier=sum(len(m["content"].split()) for m in messages[:-1]))
+
+            async def generate(self_, request, stream_response=True):
+                hits["host"] += request.earlier // 2
+                for i in range(request.gen.max_new_tokens):
+                    await asyncio.sleep(0.001)
+                    yield ns(token_ids=[i], response=f"r{i} ", cached_tokens=request.earlier)
+
+            async def get_schedule_metrics(self_):
+                return ns(prefix_cache_hit_rate=0.5, host_cache={"host_hit_tokens": hits["host"]})
+
+        self.async_engine = Engine()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_pipeline_users_walk_conversations():
+    from pipeline_client import run_pipeline_users
+
+    pipe = FakePipe()
+    try:
+        convs = [[(f"hi {u} {t}", 4) for t in range(3)] for u in range(3)]
+        records, before, after = run_pipeline_users(pipe, convs, concurrency=2, think_s=0.01, seed=0)
+    finally:
+        pipe.close()
+    assert len(records) == 9 and not any(r.error for r in records)
+    assert max(len(m) for m in pipe.seen) == 5 and pipe.seen[-1][1]["content"] == "r0 r1 r2 r3 "
+    s = multiturn.summarize_server(records, before, after, pinned_gbps=50.0)
+    assert s["output_tokens"] == 36 and s["prompt_tokens"] == sum(r.prompt_tokens for r in records)
+    assert s["tokens_gpu_hit"] + s["tokens_host_hit"] + s["tokens_recomputed"] == s["prompt_tokens"]
+    assert s["tokens_host_hit"] == after["lmdeploy:host_cache_hit_tokens"] > 0
