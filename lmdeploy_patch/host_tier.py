@@ -34,6 +34,7 @@ from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
 logger = logging.getLogger("lmdeploy_hostcache")
 
 WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
+_NO_BLOCKS = np.empty(0, dtype=np.int64)
 # write_through_selective saves a block once the GPU trie has served it this many times.
 SELECTIVE_MIN_HITS = 1
 
@@ -121,7 +122,7 @@ class HostTier:
         # Physical blocks of the last two planned batches (HostCopyPlan.
         # restore_after_forward): one forward is in flight while LMDeploy
         # schedules the next; the older set is a margin.
-        self._in_flight: tuple[set, set] = (set(), set())
+        self._in_flight: tuple[np.ndarray, np.ndarray] = (_NO_BLOCKS, _NO_BLOCKS)
         # id(seq) -> tokens its tentative match looked up in host memory, hit
         # or miss: a rollback undoes them, as LMDeploy restores its own stats.
         self._queried: dict[int, int] = {}
@@ -290,11 +291,14 @@ class HostTier:
             if slot is not None:
                 post.append((slot, int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])))
         wait_saves, self._evicted = self._evicted, False
-        busy = self._in_flight[0] | self._in_flight[1]
-        after_forward = bool(pre) or any(block in busy for _, block in restore)
-        tables = [self.allocator.get_physical_blocks(np.asarray(seq.logical_blocks.get_real_blocks()))
-                  for seq in running]
-        self._in_flight = (set(np.concatenate(tables).tolist()) if tables else set(), self._in_flight[0])
+        after_forward = bool(pre)
+        if restore and not after_forward:
+            blocks = np.fromiter((b for _, b in restore), dtype=np.int64, count=len(restore))
+            after_forward = bool(np.isin(blocks, self._in_flight[0]).any() or np.isin(blocks, self._in_flight[1]).any())
+        # One concatenation and one lookup per forward: this runs every decode step.
+        logical = [seq.logical_blocks.get_real_blocks() for seq in running]
+        current = (self.allocator.get_physical_blocks(np.concatenate(logical)) if logical else _NO_BLOCKS)
+        self._in_flight = (np.asarray(current, dtype=np.int64), self._in_flight[0])
         return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves, restore_after_forward=after_forward)
 
     def reset(self) -> None:
@@ -305,7 +309,7 @@ class HostTier:
         self.index = _core.PrefixIndex(self.index.capacity, self.block_size)
         self._pre, self._post_nodes, self._restores, self._queried = [], [], {}, {}
         self._evicted = False
-        self._in_flight = (set(), set())
+        self._in_flight = (_NO_BLOCKS, _NO_BLOCKS)
 
     def has_pending_restore(self, seq: Any) -> bool:
         return id(seq) in self._restores
