@@ -167,7 +167,7 @@ class WorkerTier:
 
 
 def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",
-                      device: Optional[str] = None) -> WorkerTier:
+                      device: Optional[str] = None, pin: str = "lazy") -> WorkerTier:
     """A rank's store: host_cache_slots slots of this rank's block size."""
     regions, num_blocks = pool_regions(allocation, blocks_per_logical)
     slot_bytes = sum(r.bytes for r in regions)
@@ -177,7 +177,7 @@ def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: in
         if device == "cuda":
             device = "cuda:0"
     config = HostCacheConfig(capacity_bytes=cache_config.host_cache_slots * stride, device=device,
-                             copy_path=copy_path, reserve_bytes=0,  # the executor checked RAM for all ranks
+                             copy_path=copy_path, pin=pin, reserve_bytes=0,  # the executor checked RAM for all ranks
                              capacity_setting="host_cache_ratio / host_cache_size")
     store = SlotStore(config, regions, num_blocks)
     if store.num_slots != cache_config.host_cache_slots:

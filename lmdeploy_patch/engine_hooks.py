@@ -179,3 +179,9 @@ def _patch_engine(module) -> None:
 def copy_path() -> str:
     """HOSTCACHE_COPY_PATH=memcpy selects the batched-memcpy path."""
     return os.environ.get("HOSTCACHE_COPY_PATH", "kernel")
+
+
+def pin_mode() -> str:
+    """HOSTCACHE_PIN=eager registers the whole pool at start-up (seconds per
+    tens of GiB) instead of a 256 MiB chunk at a time while serving (lazy)."""
+    return os.environ.get("HOSTCACHE_PIN", "lazy")

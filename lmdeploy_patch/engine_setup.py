@@ -146,11 +146,12 @@ def build_rank_store(agent: Any):
     if not requested(cc) or cc.__dict__.get("_hc_off") or getattr(cc, "host_cache_slots", 0) <= 0:
         return None
     from .copy_plan import build_worker_tier
-    from .engine_hooks import copy_path
+    from .engine_hooks import copy_path, pin_mode
 
     try:
         return build_worker_tier(cc, agent.cache_engine.gpu_allocation,
-                                 agent.block_cache_plan.kernel_blocks_per_logical_block, copy_path())
+                                 agent.block_cache_plan.kernel_blocks_per_logical_block, copy_path(),
+                                 pin=pin_mode())
     except Exception as e:
         raise RuntimeError(f"lmdeploy-hostcache: the host cache could not be set up on rank {agent.rank}: {e}. "
                            "Lower host_cache_ratio/host_cache_size or start without the host cache.") from e
