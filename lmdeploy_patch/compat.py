@@ -82,6 +82,12 @@ def require_params(fn: Callable, expected: Sequence[str], where: str) -> Callabl
     return fn
 
 
+def hooked(owner: Any, name: str, params: Sequence[str], where: str) -> Callable:
+    """LMDeploy's `where.name`, checked to exist and to take `params` first:
+    the function a hook wraps."""
+    return require_params(require_attr(owner, name, where), params, f"{where}.{name}")
+
+
 def apply(name: str, patch: Callable[[], None]) -> None:
     """Runs one hook module's patch under the guard; on a failed check,
     reverts everything."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .compat import STATE, apply, require_attr, require_params
+from .compat import STATE, apply, hooked, require_attr
 from .import_hooks import when_imported
 
 _WORKERS: dict[int, Any] = {}  # id(cache_engine) -> WorkerTier
@@ -50,9 +50,7 @@ def drop_worker(cache_engine_id) -> bool:
 def _patch_executor(module) -> None:
     def patch() -> None:
         Executor = require_attr(module, "ExecutorBase", "lmdeploy.pytorch.engine.executor.base")
-        update = require_params(require_attr(Executor, "_update_num_gpu_blocks", "ExecutorBase"),
-                                ["self", "free_mems", "cache_block_sizes", "spec_cache_config"],
-                                "ExecutorBase._update_num_gpu_blocks")
+        update = hooked(Executor, "_update_num_gpu_blocks", ["self", "free_mems", "cache_block_sizes", "spec_cache_config"], "ExecutorBase")
 
         def _update_num_gpu_blocks(self, free_mems, cache_block_sizes, spec_cache_config):
             update(self, free_mems, cache_block_sizes, spec_cache_config)
@@ -71,8 +69,7 @@ def _patch_executor(module) -> None:
 def _patch_inputs_maker(module) -> None:
     def patch() -> None:
         Task = require_attr(module, "_ForwardInputsTask", "lmdeploy.pytorch.engine.inputs_maker")
-        build = require_params(require_attr(Task, "_build_payload", "_ForwardInputsTask"), ["self"],
-                               "_ForwardInputsTask._build_payload")
+        build = hooked(Task, "_build_payload", ["self"], "_ForwardInputsTask")
 
         def _build_payload(self):
             payload = build(self)
@@ -92,17 +89,11 @@ def _patch_inputs_maker(module) -> None:
 @when_imported("lmdeploy.pytorch.engine.model_agent.agent")
 def _patch_agent(module) -> None:
     def patch() -> None:
-        restore = require_params(require_attr(module, "_restore_cache_checkpoint", "agent"),
-                                 ["inputs", "cache_inputs", "cache_engine", "state_cache_engine"],
-                                 "agent._restore_cache_checkpoint")
-        save = require_params(require_attr(module, "_save_cache_checkpoint", "agent"),
-                              ["inputs", "cache_inputs", "cache_engine", "state_cache_engine"],
-                              "agent._save_cache_checkpoint")
+        restore = hooked(module, "_restore_cache_checkpoint", ["inputs", "cache_inputs", "cache_engine", "state_cache_engine"], "agent")
+        save = hooked(module, "_save_cache_checkpoint", ["inputs", "cache_inputs", "cache_engine", "state_cache_engine"], "agent")
         Agent = require_attr(module, "BaseModelAgent", "agent")
-        build = require_params(require_attr(Agent, "build_cache_engine", "BaseModelAgent"), ["self"],
-                               "BaseModelAgent.build_cache_engine")
-        agent_sleep = require_params(require_attr(Agent, "sleep", "BaseModelAgent"), ["self", "level"],
-                                     "BaseModelAgent.sleep")
+        build = hooked(Agent, "build_cache_engine", ["self"], "BaseModelAgent")
+        agent_sleep = hooked(Agent, "sleep", ["self", "level"], "BaseModelAgent")
 
         def _current_stream(worker):
             if not worker.cuda:
@@ -161,7 +152,7 @@ def _patch_agent(module) -> None:
 def _patch_engine(module) -> None:
     def patch() -> None:
         Engine = require_attr(module, "Engine", "lmdeploy.pytorch.engine.engine")
-        engine_sleep = require_params(require_attr(Engine, "sleep", "Engine"), ["self", "level"], "Engine.sleep")
+        engine_sleep = hooked(Engine, "sleep", ["self", "level"], "Engine")
 
         async def sleep(self, level: int = 1):
             result = await engine_sleep(self, level)

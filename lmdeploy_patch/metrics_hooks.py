@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compat import STATE, apply, require_attr, require_params
+from .compat import STATE, apply, hooked, require_attr
 from .import_hooks import when_imported
 
 # metric name suffix -> (key in HostTier.metrics(), help text)
@@ -61,8 +61,7 @@ def _patch_schedule_metrics(module) -> None:
 def _patch_stats(module) -> None:
     def patch() -> None:
         Stats = require_attr(module, "SchedulerStats", "lmdeploy.metrics.stats")
-        update = require_params(require_attr(Stats, "update_from_schedule_metrics", "SchedulerStats"),
-                                ["self", "scheduled_metrics"], "SchedulerStats.update_from_schedule_metrics")
+        update = hooked(Stats, "update_from_schedule_metrics", ["self", "scheduled_metrics"], "SchedulerStats")
 
         def update_from_schedule_metrics(self, scheduled_metrics):
             update(self, scheduled_metrics)
@@ -79,10 +78,8 @@ def _patch_stats(module) -> None:
 def _patch_prometheus(module) -> None:
     def patch() -> None:
         Logger = require_attr(module, "PrometheusStatLogger", "lmdeploy.metrics.loggers")
-        init = require_params(require_attr(Logger, "__init__", "PrometheusStatLogger"),
-                              ["self", "model_name", "max_model_len", "dp_rank"], "PrometheusStatLogger.__init__")
-        record = require_params(require_attr(Logger, "record_schedule", "PrometheusStatLogger"), ["self", "stats"],
-                                "PrometheusStatLogger.record_schedule")
+        init = hooked(Logger, "__init__", ["self", "model_name", "max_model_len", "dp_rank"], "PrometheusStatLogger")
+        record = hooked(Logger, "record_schedule", ["self", "stats"], "PrometheusStatLogger")
 
         def __init__(self, model_name, max_model_len, dp_rank=0):
             init(self, model_name, max_model_len, dp_rank)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compat import STATE, apply, require_attr, require_params
+from .compat import STATE, apply, hooked, require_attr
 from .import_hooks import when_imported
 
 
@@ -34,8 +34,8 @@ def tier_of(owner: Any):
 def _patch_node(module) -> None:
     def patch() -> None:
         Node = require_attr(module, "Node", "lmdeploy.pytorch.paging.block_trie.node")
-        attach = require_params(require_attr(Node, "attach_to", "Node"), ["self", "parent"], "Node.attach_to")
-        detach = require_params(require_attr(Node, "detach_leaf", "Node"), ["self"], "Node.detach_leaf")
+        attach = hooked(Node, "attach_to", ["self", "parent"], "Node")
+        detach = hooked(Node, "detach_leaf", ["self"], "Node")
 
         def attach_to(self, parent):
             attach(self, parent)
@@ -60,14 +60,10 @@ def _patch_node(module) -> None:
 def _patch_trie(module) -> None:
     def patch() -> None:
         BlockTrie = require_attr(module, "BlockTrie", "lmdeploy.pytorch.paging.block_trie.trie")
-        match = require_params(require_attr(BlockTrie, "_match_block_prefix", "BlockTrie"), ["self", "seq"],
-                               "BlockTrie._match_block_prefix")
-        allocate = require_params(require_attr(BlockTrie, "allocate", "BlockTrie"), ["self", "seq"],
-                                  "BlockTrie.allocate")
-        get_root = require_params(require_attr(BlockTrie, "_get_or_create_root", "BlockTrie"),
-                                  ["self", "adapter_name"], "BlockTrie._get_or_create_root")
-        evict = require_params(require_attr(BlockTrie, "evict", "BlockTrie"), ["self", "max_num_blocks"],
-                               "BlockTrie.evict")
+        match = hooked(BlockTrie, "_match_block_prefix", ["self", "seq"], "BlockTrie")
+        allocate = hooked(BlockTrie, "allocate", ["self", "seq"], "BlockTrie")
+        get_root = hooked(BlockTrie, "_get_or_create_root", ["self", "adapter_name"], "BlockTrie")
+        evict = hooked(BlockTrie, "evict", ["self", "max_num_blocks"], "BlockTrie")
 
         def _match_block_prefix(self, seq):
             tier = tier_of(self)
@@ -117,8 +113,7 @@ def _patch_trie(module) -> None:
 def _patch_rollback(module) -> None:
     def patch() -> None:
         Tentative = require_attr(module, "_TentativePrefixMatch", "lmdeploy.pytorch.paging.prefill_scheduler")
-        rollback = require_params(require_attr(Tentative, "rollback", "_TentativePrefixMatch"), ["self", "reason"],
-                                  "_TentativePrefixMatch.rollback")
+        rollback = hooked(Tentative, "rollback", ["self", "reason"], "_TentativePrefixMatch")
 
         def rollback_(self, reason):
             tier = tier_of(self.block_trie)
@@ -135,8 +130,7 @@ def _patch_rollback(module) -> None:
 def _patch_release(module) -> None:
     def patch() -> None:
         Lifecycle = require_attr(module, "SequenceLifecycle", "lmdeploy.pytorch.paging.seq_states.states")
-        release = require_params(require_attr(Lifecycle, "release_paging_resources", "SequenceLifecycle"),
-                                 ["self", "seq"], "SequenceLifecycle.release_paging_resources")
+        release = hooked(Lifecycle, "release_paging_resources", ["self", "seq"], "SequenceLifecycle")
 
         def release_paging_resources(self, seq):
             tier = tier_of(self)
@@ -153,8 +147,7 @@ def _patch_release(module) -> None:
 def _patch_scheduler(module) -> None:
     def patch() -> None:
         Scheduler = require_attr(module, "Scheduler", "lmdeploy.pytorch.paging.scheduler")
-        init = require_params(require_attr(Scheduler, "__init__", "Scheduler"),
-                              ["self", "scheduler_config", "cache_config"], "Scheduler.__init__")
+        init = hooked(Scheduler, "__init__", ["self", "scheduler_config", "cache_config"], "Scheduler")
 
         def __init__(self, scheduler_config, cache_config, *args, **kwargs):
             from .engine_setup import prepare_scheduler_cache_config, attach_scheduler_tier

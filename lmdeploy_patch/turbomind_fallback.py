@@ -25,7 +25,7 @@ import functools
 import sys
 from typing import Any, Callable
 
-from .compat import STATE, apply, require_attr, require_params
+from .compat import STATE, apply, hooked, require_attr
 from .config_fields import copy_host_cache_fields, host_cache_requested, wrap_staticmethod
 from .import_hooks import when_imported
 
@@ -149,9 +149,8 @@ def _rebind_from(module: Any, name: str, source_module: str) -> None:
 def _on_archs(module: Any) -> None:
     def patch() -> None:
         require_attr(module, "autoget_backend", "lmdeploy.archs")
-        original = require_params(require_attr(module, "autoget_backend_config", "lmdeploy.archs"),
-                                  ["model_path", "backend_config", "trust_remote_code"],
-                                  "lmdeploy.archs.autoget_backend_config")
+        original = hooked(module, "autoget_backend_config", ["model_path", "backend_config", "trust_remote_code"],
+                          "lmdeploy.archs")
         require_attr(require_attr(module, "TurbomindEngineConfig", "lmdeploy.archs"), "cache_block_seq_len",
                      "lmdeploy.messages.TurbomindEngineConfig")
         require_attr(require_attr(module, "PytorchEngineConfig", "lmdeploy.archs"), "block_size",
@@ -189,9 +188,8 @@ def _on_cli_serve(module: Any) -> None:
 @when_imported("lmdeploy.serve.openai.api_server")
 def _on_api_server(module: Any) -> None:
     def patch() -> None:
-        original = require_params(require_attr(module, "serve", "lmdeploy.serve.openai.api_server"),
-                                  ["model_path", "model_name", "backend", "backend_config"],
-                                  "lmdeploy.serve.openai.api_server.serve")
+        original = hooked(module, "serve", ["model_path", "model_name", "backend", "backend_config"],
+                          "lmdeploy.serve.openai.api_server")
         STATE.patcher.setattr(module, "serve", _wrap_serve(original))
 
     apply("turbomind_fallback.serve", patch)
