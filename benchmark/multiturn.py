@@ -196,7 +196,8 @@ def run_server_mode(args: argparse.Namespace) -> dict[str, dict]:
 
     convs = conversations_text(args)  # text: the server tokenises
     pinned = pinned_copy_gbps() if args.server else 0.0
-    configs = [("off", []), ("on", ["--host-cache-ratio", str(args.host_ratio)])] if args.compare else [("on", [])]
+    on = ("on", ["--host-cache-ratio", str(args.host_ratio)])
+    configs = [("off", []), on] if args.compare else [on]
     runs = {}
     for name, extra in configs:
         common = ["--num-gpu-blocks", str(args.server_gpu_blocks), "--max-batch-size", str(args.max_batches),
@@ -448,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{cost.copy_gbps:g} GB/s ({cost.source})", file=sys.stderr)
 
     def factory():
-        return build_users(args)
+        # fresh users (a replay advances them) over the same tokenised turns:
+        # the conversations are loaded and tokenised once
+        return [User(u.uid, u.turns) for u in users]
 
     runs: dict[str, dict] = {}
     runs["off"] = run_one("off", factory, args, gpu_blocks, 0, kv[qp], cost)

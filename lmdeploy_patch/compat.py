@@ -38,10 +38,15 @@ def _installed_version() -> str:
         return "unknown"
 
 
+def disabled_by_env() -> bool:
+    """LMDEPLOY_HOSTCACHE_DISABLE=1 (or true, yes) keeps LMDeploy unpatched."""
+    return os.environ.get("LMDEPLOY_HOSTCACHE_DISABLE", "") in ("1", "true", "yes")
+
+
 def guard() -> bool:
     """True when patching may go on. The first call checks the version."""
     if STATE.enabled is None:
-        if os.environ.get("LMDEPLOY_HOSTCACHE_DISABLE", "") in ("1", "true", "yes"):
+        if disabled_by_env():
             STATE.enabled, STATE.reason = False, "disabled by LMDEPLOY_HOSTCACHE_DISABLE"
             return False
         found = _installed_version()

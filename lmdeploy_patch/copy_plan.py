@@ -26,6 +26,7 @@ from lmdeploy.pytorch.engine.cache_inputs import CacheCheckpointInputs
 
 from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
 
+from .engine_setup import SLOT_ALIGN
 from .host_tier import HostCopyPlan
 
 
@@ -95,12 +96,9 @@ class WorkerTier:
         self._wait_events: list = []  # CUDA (start, end) events not yet resolved
 
     def _submit(self, transfer) -> None:
-        # The CUDA store reports a copy it could not queue at once, but
-        # StoreTransfer.error shows it only when done: read it now. A lost
-        # restore would feed this forward stale bytes and a lost save would
-        # leave a matchable slot without them, so the forward must fail.
-        handle = getattr(transfer, "_handle", None)
-        error = handle.error() if handle is not None and hasattr(handle, "error") else ""
+        # A lost restore would feed this forward stale bytes and a lost save
+        # would leave a matchable slot without them: the forward must fail.
+        error = transfer.queue_error()
         if error:
             raise RuntimeError(f"lmdeploy-hostcache: a host-cache {transfer.direction} could not be queued: {error}")
         if self.cuda:
@@ -171,7 +169,7 @@ def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: in
     """A rank's store: host_cache_slots slots of this rank's block size."""
     regions, num_blocks = pool_regions(allocation, blocks_per_logical)
     slot_bytes = sum(r.bytes for r in regions)
-    stride = (slot_bytes + 255) // 256 * 256
+    stride = (slot_bytes + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
     if device is None:
         device = str(allocation.pools[0].tensor.device)
         if device == "cuda":

@@ -25,6 +25,7 @@ from typing import Any
 
 from .compat import STATE, apply, hooked, require_attr
 from .import_hooks import when_imported
+from .trie_hooks import tier_of
 
 _WORKERS: dict[int, Any] = {}  # id(cache_engine) -> WorkerTier
 
@@ -73,7 +74,7 @@ def _patch_inputs_maker(module) -> None:
 
         def _build_payload(self):
             payload = build(self)
-            tier = self.scheduler.__dict__.get("_hc_tier")
+            tier = tier_of(self.scheduler)
             if tier is not None and (payload.get("inputs") is not None or payload.get("delta") is not None):
                 from .copy_plan import HostCacheInputs
 
@@ -156,8 +157,7 @@ def _patch_engine(module) -> None:
 
         async def sleep(self, level: int = 1):
             result = await engine_sleep(self, level)
-            scheduler = getattr(self, "scheduler", None)
-            tier = scheduler.__dict__.get("_hc_tier") if scheduler is not None else None
+            tier = tier_of(getattr(self, "scheduler", None))
             if tier is not None:
                 tier.reset()  # the ranks dropped their stores with the pools
             return result

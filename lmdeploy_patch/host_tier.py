@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
 from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
 
+from .config_fields import WRITE_POLICIES
+
 logger = logging.getLogger("lmdeploy_hostcache")
 
-WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
 # write_through_selective saves a block once the GPU trie has served it this many times.
 SELECTIVE_MIN_HITS = 1
@@ -98,7 +99,6 @@ class HostTierStats:
     blocks_restored: int = 0
     saves_dropped: int = 0    # no evictable slot: every slot pinned or an inner node
     restores_skipped: int = 0  # another sequence attached the same block first
-    extra: dict = field(default_factory=dict)
 
 
 class HostTier:
@@ -282,14 +282,19 @@ class HostTier:
             for slot in pending.slots:
                 self.index.unpin(int(slot))  # later copies into this slot queue behind the restore
         self.stats.blocks_restored += len(restore)
-        post = []
+        post_slots, post_logical = [], []
         nodes, self._post_nodes = self._post_nodes, []
         for node in nodes:
             if not node.is_attached():
                 continue
             slot = self._store(node)
             if slot is not None:
-                post.append((slot, int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])))
+                post_slots.append(slot)
+                post_logical.append(node.block_id)
+        post = []
+        if post_slots:  # one physical-id lookup for all of this forward's saves
+            physical = self.allocator.get_physical_blocks(np.array(post_logical))
+            post = [(slot, int(p)) for slot, p in zip(post_slots, physical)]
         wait_saves, self._evicted = self._evicted, False
         after_forward = bool(pre)
         if restore and not after_forward:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .compat import STATE, apply, hooked, require_attr
 from .import_hooks import when_imported
+from .trie_hooks import tier_of
 
 # metric name suffix -> (key in HostTier.metrics(), help text)
 GAUGES = {
@@ -47,7 +48,7 @@ def _patch_schedule_metrics(module) -> None:
 
         def schedule_metrics(self):
             metrics = prop.fget(self)
-            tier = self.__dict__.get("_hc_tier")
+            tier = tier_of(self)
             if tier is not None:
                 metrics.host_cache = tier.metrics()
             return metrics

@@ -3,13 +3,12 @@ module registers its own `when_imported` functions on import; none of them
 imports LMDeploy, torch or numpy at module level."""
 from __future__ import annotations
 
-import os
-
 from . import import_hooks
+from .compat import disabled_by_env
 
 
 def install() -> None:
-    if os.environ.get("LMDEPLOY_HOSTCACHE_DISABLE", "") in ("1", "true", "yes"):
+    if disabled_by_env():
         return
     from . import (cli_flags, config_fields, engine_hooks, metrics_hooks,  # noqa: F401 - registration side effects
                    trie_hooks, turbomind_fallback)

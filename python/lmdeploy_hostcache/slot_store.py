@@ -38,6 +38,11 @@ class StoreTransfer:
     def error(self) -> str:
         return self._handle.error() if self._handle.done() else ""
 
+    def queue_error(self) -> str:
+        """Why the engine could not queue this copy, right after submission
+        ('' when it was queued); no need to wait for it."""
+        return self._handle.error()
+
     def wait_on_stream(self, stream: Any) -> None:
         """Makes work queued later on `stream` wait for this copy (CUDA)."""
         self._handle.make_stream_wait(stream_handle(stream))

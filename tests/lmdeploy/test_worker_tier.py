@@ -127,6 +127,9 @@ class _FakeTransfer:
     def wait_on_stream(self, stream):
         self.log.append(("stream_wait", self.name))
 
+    def queue_error(self):
+        return ""
+
 
 class _FakeStore:
     def __init__(self):
