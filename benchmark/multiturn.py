@@ -121,21 +121,11 @@ def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, k
 
 
 def pinned_copy_gbps() -> float:
-    """This machine's host-to-GPU bandwidth for one large pinned copy."""
-    import torch
+    """This machine's host-to-GPU bandwidth for one large pinned copy (the
+    micro benchmark's reference)."""
+    from micro import pinned_copy_gbps as measure
 
-    n = 512 << 20
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        best = max(best, n / (time.perf_counter() - t0) / 1e9)
-    return best
+    return measure(512 << 20, reps=5)[0]
 
 
 def summarize_server(records: list, before: dict, after: dict, pinned_gbps: float) -> dict:

@@ -208,9 +208,7 @@ class ReplayEngine:
                     stepped = True
                     sched.activate_seqs(batch)
                     host_hits = {id(s): self._pending_host_tokens(s) for s in batch}
-                    restore_bytes, save_bytes = self._take_plan(batch)
-                    res.bytes_restored += restore_bytes
-                    res.bytes_saved += save_bytes
+                    restore_bytes, save_bytes = self._take_plan(batch, res)
                     computed = 0
                     for seq in batch:
                         waiting.pop(id(seq), None)
@@ -239,9 +237,7 @@ class ReplayEngine:
                     if not ok:  # preempted: back to waiting, its tokens so far kept
                         res.preemptions += 1
                         waiting[id(s)] = owner[id(s)]
-                restore_bytes, save_bytes = self._take_plan(keep)
-                res.bytes_restored += restore_bytes
-                res.bytes_saved += save_bytes
+                restore_bytes, save_bytes = self._take_plan(keep, res)
                 now += self.cost.decode_step_s + self.cost.copy_s(restore_bytes + save_bytes)
                 running = []
                 for seq in keep:
@@ -265,12 +261,14 @@ class ReplayEngine:
             return 0
         return len(self.tier._restores[id(seq)].slots) * self.bs
 
-    def _take_plan(self, batch: list) -> tuple[int, int]:
-        """Takes the forward's copy plan as the inputs maker does; returns
-        (bytes restored, bytes saved)."""
+    def _take_plan(self, batch: list, res: ReplayResult) -> tuple[int, int]:
+        """Takes the forward's copy plan as the inputs maker does, counts its
+        bytes in `res`; returns (bytes restored, bytes saved)."""
         if self.tier is None or not batch:
             return 0, 0
         plan = self.tier.take_plan(batch)
         restore = len(plan.restore_slots) * self.kv_block_bytes
         saves = (len(plan.pre_slots) + len(plan.post_slots)) * self.kv_block_bytes
+        res.bytes_restored += restore
+        res.bytes_saved += saves
         return restore, saves
