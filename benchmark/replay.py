@@ -35,6 +35,31 @@ def use_logical_clock() -> None:
     bbm.time = LogicalClock()
 
 
+def build_scheduler(num_gpu_blocks: int, block_size: int, max_batches: int, host_slots: int = 0,
+                    write_policy: str = "write_through", kv_block_bytes: int = 0, logical_clock: bool = True):
+    """LMDeploy's real Scheduler on CPU, with the host tier when host_slots > 0
+    (the cache-config fields the executor hook sets after sizing the pool,
+    engine_setup.size_host_pool)."""
+    from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
+    from lmdeploy.pytorch.messages import SequenceMeta
+    from lmdeploy.pytorch.paging import Scheduler
+    from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy
+
+    if logical_clock:
+        use_logical_clock()
+    cc = CacheConfig(max_batches=max_batches, block_size=block_size, num_cpu_blocks=0,
+                     num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, device_type="cpu",
+                     num_reserved_gpu_blocks=1)
+    if host_slots > 0:
+        cc.host_cache_ratio = 1.0
+        cc.host_cache_write_policy = write_policy
+        cc.host_cache_slots = host_slots
+        cc.host_cache_block_bytes = kv_block_bytes
+    return Scheduler(SchedulerConfig(max_batches=max_batches, max_session_len=1 << 20,
+                                     max_request_output_len=1 << 16, eviction_type="recompute"),
+                     cc, seq_meta=SequenceMeta(block_size, strategy=ARSequenceStrategy()))
+
+
 @dataclass
 class CostModel:
     prefill_tok_s: float      # prompt tokens computed per second
@@ -116,24 +141,8 @@ class ReplayEngine:
 
     def __init__(self, *, num_gpu_blocks: int, host_slots: int, block_size: int, max_batches: int,
                  kv_block_bytes: int, cost: CostModel, write_policy: str = "write_through"):
-        from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
-        from lmdeploy.pytorch.messages import SequenceMeta
-        from lmdeploy.pytorch.paging import Scheduler
-        from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy
-
-        use_logical_clock()
-        cc = CacheConfig(max_batches=max_batches, block_size=block_size, num_cpu_blocks=0,
-                         num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, device_type="cpu",
-                         num_reserved_gpu_blocks=1)
-        if host_slots > 0:
-            # What the executor hook sets after sizing the pool (engine_setup.size_host_pool).
-            cc.host_cache_ratio = 1.0
-            cc.host_cache_write_policy = write_policy
-            cc.host_cache_slots = host_slots
-            cc.host_cache_block_bytes = kv_block_bytes
-        self.scheduler = Scheduler(SchedulerConfig(max_batches=max_batches, max_session_len=1 << 20,
-                                                   max_request_output_len=1 << 16, eviction_type="recompute"),
-                                   cc, seq_meta=SequenceMeta(block_size, strategy=ARSequenceStrategy()))
+        self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, write_policy,
+                                         kv_block_bytes)
         self.tier = self.scheduler.__dict__.get("_hc_tier")
         if host_slots > 0 and self.tier is None:
             raise RuntimeError("the host tier did not attach: is lmdeploy-hostcache installed with its .pth?")

@@ -15,19 +15,15 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 import os
 import sys
-from typing import Optional
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmark"))
 import torch
 
-from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
-from lmdeploy.pytorch.messages import SequenceMeta, UpdateTokenMode
-from lmdeploy.pytorch.paging import Scheduler
-from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy
+from lmdeploy.pytorch.messages import UpdateTokenMode
 from lmdeploy_patch import engine_hooks
-from replay import use_logical_clock
+from replay import build_scheduler
 from lmdeploy_patch.copy_plan import build_worker_tier
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
@@ -63,20 +59,10 @@ class SimEngine:
     def __init__(self, num_gpu_blocks: int, host_slots: int = 0, block_size: int = 16, layers: int = 2,
                  row_bytes: int = 8, policy: str = "write_through", max_batches: int = 4,
                  deterministic: bool = True):
-        if deterministic:
-            use_logical_clock()
-        cc = CacheConfig(max_batches=max_batches, block_size=block_size, num_cpu_blocks=0,
-                         num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, device_type="cpu",
-                         num_reserved_gpu_blocks=1)
         self.block_bytes = layers * block_size * row_bytes
-        if host_slots:
-            cc.host_cache_ratio = 1.0
-            cc.host_cache_write_policy = policy
-            cc.host_cache_slots = host_slots
-            cc.host_cache_block_bytes = self.block_bytes
-        self.scheduler = Scheduler(SchedulerConfig(max_batches=max_batches, max_session_len=1 << 16,
-                                                   max_request_output_len=512, eviction_type="recompute"),
-                                   cc, seq_meta=SequenceMeta(block_size, strategy=ARSequenceStrategy()))
+        self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, policy,
+                                         self.block_bytes, logical_clock=deterministic)
+        cc = self.scheduler.cache_config
         self.tier = self.scheduler.__dict__.get("_hc_tier")
         self.bs, self.layers, self.row_bytes = block_size, layers, row_bytes
         # LMDeploy's packed pool: [layers, blocks, bytes of one layer's block]
