@@ -58,60 +58,69 @@ class SimStats:
 class SimEngine:
     def __init__(self, num_gpu_blocks: int, host_slots: int = 0, block_size: int = 16, layers: int = 2,
                  row_bytes: int = 8, policy: str = "write_through", max_batches: int = 4,
-                 deterministic: bool = True):
+                 deterministic: bool = True, ranks: int = 1):
         self.block_bytes = layers * block_size * row_bytes
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, policy,
                                          self.block_bytes, logical_clock=deterministic)
         cc = self.scheduler.cache_config
         self.tier = self.scheduler.__dict__.get("_hc_tier")
         self.bs, self.layers, self.row_bytes = block_size, layers, row_bytes
-        # LMDeploy's packed pool: [layers, blocks, bytes of one layer's block]
-        self.pool = torch.zeros(layers, num_gpu_blocks, block_size * row_bytes, dtype=torch.uint8)
-        self.worker = None
+        # LMDeploy's packed pool per rank (a tensor-parallel shard each):
+        # [layers, blocks, bytes of one layer's block]
+        self.pools = [torch.zeros(layers, num_gpu_blocks, block_size * row_bytes, dtype=torch.uint8)
+                      for _ in range(ranks)]
+        self.pool = self.pools[0]
+        self.workers = []
         if self.tier is not None:
-            # the rank's side, built the way the agent hook builds it
-            allocation = SimpleNamespace(pools=[SimpleNamespace(tensor=self.pool, entry_axis=1)])
-            self.worker = build_worker_tier(cc, allocation, blocks_per_logical=1)
-            engine_hooks._WORKERS[id(self.pool)] = self.worker  # as the agent hook registers a rank
+            for pool in self.pools:  # each rank's side, built the way the agent hook builds it
+                allocation = SimpleNamespace(pools=[SimpleNamespace(tensor=pool, entry_axis=1)])
+                self.workers.append(build_worker_tier(cc, allocation, blocks_per_logical=1))
+                engine_hooks._WORKERS[id(pool)] = self.workers[-1]  # as the agent hook registers a rank
+        self.worker = self.workers[0] if self.workers else None
         self.stats = SimStats()
         self.sessions: dict[int, object] = {}
         self.rng = np.random.default_rng(0)
 
     # -- the fake forward ------------------------------------------------------
 
-    def _rows(self, block: int) -> torch.Tensor:
-        return self.pool[:, block, :].view(self.layers, self.bs, self.row_bytes)
+    def _rows(self, block: int, rank: int = 0) -> torch.Tensor:
+        return self.pools[rank][:, block, :].view(self.layers, self.bs, self.row_bytes)
 
     def forward(self, running: list, plan=None) -> None:
         """One forward; `plan` is the one its payload carries (taken here when None)."""
         if plan is None and self.tier is not None:
             plan = self.tier.take_plan(running)
-        if self.worker is not None:
-            self.worker.before_model(plan, stream=None)
+        for worker in self.workers:  # every rank executes the same plan
+            worker.before_model(plan, stream=None)
         tables = self.scheduler.get_block_tables(running)
         for seq, table in zip(running, tables):
             tokens = np.asarray(seq.history_cache[:seq.num_all_ids])
             h = prefix_hashes(tokens)
             start = seq.num_history_ids
-            # every earlier position must hold what a fresh computation writes
-            for layer in range(self.layers):
-                want = kv_rows(h[:start], layer, self.row_bytes)
-                for b in range((start + self.bs - 1) // self.bs):
-                    lo, hi = b * self.bs, min(start, (b + 1) * self.bs)
-                    got = self._rows(int(table[b]))[layer, : hi - lo].numpy()
-                    if not np.array_equal(got, want[lo:hi]):
-                        raise AssertionError(f"seq {seq.seq_id}: block {b} (physical {table[b]}) layer {layer} "
-                                             f"holds wrong KV for positions {lo}..{hi - 1}")
+            for rank in range(len(self.pools)):
+                self._check_and_compute(seq, table, h, start, len(tokens), rank)
             self.stats.tokens_checked += start
-            for p in range(start, len(tokens)):
-                b, r = divmod(p, self.bs)
-                for layer in range(self.layers):
-                    self._rows(int(table[b]))[layer, r] = torch.from_numpy(kv_rows(h[p:p + 1], layer, self.row_bytes)[0])
             self.stats.tokens_computed += len(tokens) - start
             self.stats.trace.append((seq.session_id, start, len(tokens)))
-        if self.worker is not None:
-            self.worker.after_model(plan, stream=None)
+        for worker in self.workers:
+            worker.after_model(plan, stream=None)
         self.stats.forwards += 1
+
+    def _check_and_compute(self, seq, table, h: np.ndarray, start: int, end: int, rank: int) -> None:
+        """Every earlier position must hold what a fresh computation writes;
+        then write positions start..end-1. Each rank holds its own shard."""
+        for layer in range(self.layers):
+            salt = layer + 1000 * rank
+            want = kv_rows(h[:start], salt, self.row_bytes)
+            for b in range((start + self.bs - 1) // self.bs):
+                lo, hi = b * self.bs, min(start, (b + 1) * self.bs)
+                got = self._rows(int(table[b]), rank)[layer, : hi - lo].numpy()
+                if not np.array_equal(got, want[lo:hi]):
+                    raise AssertionError(f"seq {seq.seq_id}: block {b} (physical {table[b]}) rank {rank} layer "
+                                         f"{layer} holds wrong KV for positions {lo}..{hi - 1}")
+            for p in range(start, end):
+                b, r = divmod(p, self.bs)
+                self._rows(int(table[b]), rank)[layer, r] = torch.from_numpy(kv_rows(h[p:p + 1], salt, self.row_bytes)[0])
 
     # -- the engine loop -------------------------------------------------------
 
@@ -177,7 +186,8 @@ class SimEngine:
         for sid in list(self.sessions):
             self.scheduler.end_session(sid)
         self.sessions.clear()
-        engine_hooks._WORKERS.pop(id(self.pool), None)
+        for pool in self.pools:
+            engine_hooks._WORKERS.pop(id(pool), None)
 
     def hit_rate(self) -> float:
         return self.scheduler.schedule_metrics.prefix_cache_hit_rate

@@ -324,3 +324,16 @@ def test_restores_overlap_the_forward_in_flight_unless_it_uses_their_blocks():
         expect = bool(len(plan.pre_slots)) or any(int(b) in busy for b in plan.restore_blocks)
         assert plan.restore_after_forward == expect
     assert any(not p.restore_after_forward for p, _ in with_restores), "no restore could overlap a forward"
+
+
+def test_every_rank_executes_the_same_plans():
+    """Tensor parallelism: one index on the scheduler, one store per rank with
+    its own shard of every block, the same slot ids everywhere."""
+    eng = SimEngine(num_gpu_blocks=24, host_slots=64, ranks=2)
+    chat_workload(eng, rounds=3)  # each forward checks both ranks' shards
+    assert len(eng.workers) == 2
+    assert eng.tier.metrics()["host_blocks_restored"] > 0
+    assert eng.workers[0].blocks_restored == eng.workers[1].blocks_restored == eng.tier.stats.blocks_restored
+    assert eng.workers[0].blocks_saved == eng.workers[1].blocks_saved > 0
+    eng.end_all()
+    assert_balanced(eng)
