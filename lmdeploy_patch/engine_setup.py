@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from .config_fields import GIB as GiB
+from .config_fields import host_cache_requested as requested
+
 logger = logging.getLogger("lmdeploy_hostcache")
 _said: set[str] = set()
 
 SLOT_ALIGN = 256  # the core's slot stride alignment (host_arena.cpp)
-GiB = 1 << 30
 
 
 def log_once(message: str) -> None:
@@ -18,11 +20,6 @@ def log_once(message: str) -> None:
         logger.warning("lmdeploy-hostcache: %s", message)
 
 
-def requested(cfg: Any) -> bool:
-    """The user asked for the tier on this config (engine or cache config)."""
-    from .config_fields import host_cache_requested
-
-    return host_cache_requested(cfg)
 
 
 def off_reason(cache_config: Any) -> Optional[str]:

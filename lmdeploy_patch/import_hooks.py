@@ -25,7 +25,7 @@ def when_imported(module_name: str) -> Callable[[Hook], Hook]:
     def register(fn: Hook) -> Hook:
         with _lock:
             module = sys.modules.get(module_name)
-            if module is not None and getattr(module, "__spec__", None) is not None and not _initialising(module):
+            if module is not None and getattr(module, "__spec__", None) is not None and not initialising(module):
                 fn(module)
             else:
                 _hooks.setdefault(module_name, []).append(fn)
@@ -34,8 +34,9 @@ def when_imported(module_name: str) -> Callable[[Hook], Hook]:
     return register
 
 
-def _initialising(module: ModuleType) -> bool:
-    return bool(getattr(module.__spec__, "_initializing", False))
+def initialising(module: ModuleType) -> bool:
+    """The module is still executing its body (imported, not yet complete)."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 class _HookedLoader:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from .compat import STATE, apply, hooked, require_attr
 from .config_fields import copy_host_cache_fields, host_cache_requested, wrap_staticmethod
-from .import_hooks import when_imported
+from .import_hooks import initialising, when_imported
 
 LOGGER_NAME = "lmdeploy_hostcache"
 FALLBACK_WARNING = (
@@ -157,7 +157,7 @@ def _on_archs(module: Any) -> None:
                      "lmdeploy.messages.PytorchEngineConfig")
         STATE.patcher.setattr(module, "autoget_backend_config", _wrap_autoget_backend_config(original))
         pipeline = sys.modules.get("lmdeploy.pipeline")
-        if pipeline is not None and not getattr(getattr(pipeline, "__spec__", None), "_initializing", False):
+        if pipeline is not None and not initialising(pipeline):
             rebind_by_name(pipeline, "autoget_backend_config", module.autoget_backend_config)
 
     apply("turbomind_fallback.autoget_backend_config", patch)

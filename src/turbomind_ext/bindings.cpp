@@ -73,6 +73,14 @@ py::dict stats_dict(const Stats& s) {
 }
 #undef HC_FIELD
 
+using RegionTuples = std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>;
+
+std::vector<Region> to_regions(const RegionTuples& regions) {
+  std::vector<Region> rs;
+  for (auto& [base, stride, bytes] : regions) rs.push_back({base, stride, bytes});
+  return rs;
+}
+
 void require_1d(const py::array& a, const char* what) {
   if (a.ndim() != 1) throw ConfigError(hostcache::concat(what, " must be a 1-D array, got ", a.ndim(), " dimensions"));
 }
@@ -189,11 +197,9 @@ PYBIND11_MODULE(_core, m) {
       .def("make_stream_wait", &Transfer::make_stream_wait, py::arg("stream"));
 
   py::class_<SlotStore>(m, "SlotStore", "Host slots and their copy engine, addressed by slot id (no index).")
-      .def(py::init([](const SlotStoreOptions& o, const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& regions,
+      .def(py::init([](const SlotStoreOptions& o, const RegionTuples& regions,
                        uint64_t num_device_blocks) {
-             std::vector<Region> rs;
-             for (auto& [base, stride, bytes] : regions) rs.push_back({base, stride, bytes});
-             return std::make_unique<SlotStore>(o, std::move(rs), num_device_blocks);
+             return std::make_unique<SlotStore>(o, to_regions(regions), num_device_blocks);
            }),
            py::arg("options"), py::arg("regions"), py::arg("num_device_blocks"))
       .def_property_readonly("num_slots", &SlotStore::num_slots)
@@ -249,11 +255,9 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<HostCache>(m, "HostCache")
-      .def(py::init([](const HostCacheOptions& o, const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& regions,
+      .def(py::init([](const HostCacheOptions& o, const RegionTuples& regions,
                        uint64_t num_device_blocks) {
-             std::vector<Region> rs;
-             for (auto& [base, stride, bytes] : regions) rs.push_back({base, stride, bytes});
-             return std::make_unique<HostCache>(o, std::move(rs), num_device_blocks);
+             return std::make_unique<HostCache>(o, to_regions(regions), num_device_blocks);
            }),
            py::arg("options"), py::arg("regions"), py::arg("num_device_blocks"))
       .def_property_readonly("block_tokens", &HostCache::block_tokens)
