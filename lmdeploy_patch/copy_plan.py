@@ -1,19 +1,22 @@
 """The worker side of the host tier: the plan riding on each forward, the
 rank's SlotStore over LMDeploy's KV pools, and when each copy runs.
 
-Stream order on a GPU (one copy stream per rank, inside the SlotStore):
+Stream order on a GPU (two copy streams per rank, inside the SlotStore):
 
-  forward stream:  ... forward N-1 | wait(copies) | model N | ...
-  copy stream:     after(N-1): pre saves, restores | after(model N): post saves
+  forward stream:  ... forward N-1 ........... | wait(copies) | model N | ...
+  restore stream:  restores for N (overlap N-1) |
+  save stream:     after(N-1): post saves of N-1, pre saves | after(model N): post saves
 
 - pre saves start after everything queued on the forward stream so far
   (forward N-1 may still write a block being evicted); restores too when one
   of their blocks belonged to the batches in flight, else they start at once
   and overlap forward N-1 (HostCopyPlan.restore_after_forward);
-- model N waits for the copy stream, so it never reads a block before its
-  restore lands, nor overwrites a block an earlier save still reads (it skips
-  the wait for earlier saves when no block was evicted since the last plan:
-  HostCopyPlan.wait_saves);
+- a copy that shares a slot or block with an earlier copy on the other
+  stream waits for it (the SlotStore orders them by events);
+- model N waits for its restores, so it never reads a block before its
+  restore lands, and for the saves, so it never overwrites a block an earlier
+  save still reads (it skips the wait for earlier saves when no block was
+  evicted since the last plan and it has no pre saves: HostCopyPlan.wait_saves);
 - post saves start after model N wrote the blocks they copy.
 """
 from __future__ import annotations
@@ -85,11 +88,11 @@ class WorkerTier:
     def __init__(self, store: SlotStore, cuda: bool):
         self.store = store
         self.cuda = cuda
-        # Copies not yet waited on by a forward. The CUDA store runs them in
-        # order on one stream, so waiting on the newest covers the rest; the
-        # CPU store orders only copies that share a slot or a block, so a
-        # forward there waits on each.
-        self._unwaited: list = []
+        # Copies not yet waited on by a forward, by direction. The CUDA store
+        # runs each direction in order on its stream, so waiting on the newest
+        # covers the rest; the CPU store orders only copies that share a slot
+        # or a block, so a forward there waits on each.
+        self._unwaited: dict[str, list] = {"offload": [], "restore": []}
         self.blocks_restored = 0
         self.blocks_saved = 0
         self._waited = 0.0       # seconds forwards spent waiting for copies (resolved)
@@ -101,45 +104,49 @@ class WorkerTier:
         error = transfer.queue_error()
         if error:
             raise RuntimeError(f"lmdeploy-hostcache: a host-cache {transfer.direction} could not be queued: {error}")
+        pending = self._unwaited[transfer.direction]
         if self.cuda:
-            self._unwaited = [transfer]
+            pending[:] = [transfer]
         else:
-            self._unwaited = [t for t in self._unwaited if not t.done()]
-            self._unwaited.append(transfer)
+            pending[:] = [t for t in pending if not t.done()] + [transfer]
 
     def before_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
         # Without a plan (warmup, a forward LMDeploy built itself) nothing is
         # known about block reuse: wait for everything, as before the tier.
-        must_wait = plan is None or plan.wait_saves
+        wait_saves = plan is None or plan.wait_saves
         if plan is not None:
             if len(plan.pre_slots):
                 self._submit(self.store.offload(plan.pre_slots, plan.pre_blocks, after_stream=stream))
                 self.blocks_saved += len(plan.pre_slots)
-                must_wait = True
+                wait_saves = True
             if len(plan.restore_slots):
                 # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
                 after = stream if plan.restore_after_forward or stream is None else 0
                 self._submit(self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=after))
                 self.blocks_restored += len(plan.restore_slots)
-                must_wait = True
-        if not must_wait or not self._unwaited:
+        # Restores are always waited for: the model reads what they write.
+        waits = self._unwaited["restore"] + (self._unwaited["offload"] if wait_saves else [])
+        if not waits:
             return
         if self.cuda:
             import torch
 
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            self._unwaited[-1].wait_on_stream(stream)
+            for t in waits:
+                t.wait_on_stream(stream)
             end.record(stream)
             self._wait_events.append((start, end))
             if len(self._wait_events) > 64:  # resolve finished ones even if nobody reads the figure
                 self.wait_seconds()
         else:
             t0 = time.perf_counter()
-            for t in self._unwaited:
+            for t in waits:
                 t.wait()
             self._waited += time.perf_counter() - t0
-        self._unwaited = []
+        self._unwaited["restore"] = []
+        if wait_saves:
+            self._unwaited["offload"] = []
 
     def wait_seconds(self) -> float:
         """Time forwards spent waiting for host copies: what the tier cost them."""
@@ -159,9 +166,10 @@ class WorkerTier:
 
     def close(self) -> None:
         """Waits for every copy this rank started (the pools are about to go)."""
-        for t in self._unwaited:
-            t.wait()
-        self._unwaited = []
+        for pending in self._unwaited.values():
+            for t in pending:
+                t.wait()
+            pending.clear()
 
 
 def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",

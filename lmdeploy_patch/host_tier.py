@@ -67,7 +67,7 @@ class HostCopyPlan:
     # restore writes blocks just allocated; one of them can still be in use
     # by the forward in flight only if it belonged to that forward's batch
     # (a sequence that ended or was preempted while its last step runs).
-    # Otherwise the restore runs on the copy stream while that forward computes.
+    # Otherwise the restore runs on the restore stream while that forward computes.
     restore_after_forward: bool = True
 
     @staticmethod

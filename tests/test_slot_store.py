@@ -5,6 +5,7 @@ import pytest
 
 from kv_layouts import KVPool, KVShape
 from lmdeploy_hostcache import HostCacheConfig, SlotStore
+from slot_chain import run_chain
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int4"])
@@ -23,6 +24,18 @@ def test_slot_round_trip(dtype):
     assert [pool.block_bytes(b) for b in (10, 11, 12)] == saved
     assert [store.slot_view(s).tobytes() for s in (7, 0, 2)] == saved
     assert store.stats()["slots_total"] == 8
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_copies_chained_through_shared_slots_and_blocks_keep_submission_order(seed):
+    """Saves and restores over the same few slots and blocks, queued without
+    waiting, on two CPU workers that take tasks in any order."""
+    # 1 MiB blocks: transfers big enough that the workers run several at once
+    pool = KVPool(KVShape(heads=8, head_dim=128), num_blocks=12, seed=seed)
+    slot = sum(r.bytes for r in pool.regions())
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=10 * ((slot + 255) // 256 * 256), cpu_workers=2),
+                                   pool.tensors, pool.block_dim)
+    assert run_chain(store, pool.block_bytes, 12, seed) > 120
 
 
 def test_slot_store_bad_input():

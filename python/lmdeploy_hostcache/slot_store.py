@@ -3,8 +3,10 @@
 For engines whose scheduler keeps the prefix index in another place (or
 process) than the KV pools: the scheduler decides which slot holds which
 block and ships copy plans; each rank executes them on its own SlotStore.
-On the CUDA engine copies run in submission order on one stream, so a
-restore queued after the offload of the same slot reads the finished bytes.
+Copies take effect in submission order per slot and per device block (on
+the CUDA engine restores and saves run on two streams, ordered by events
+where they share one), so a restore queued after the offload of the same
+slot reads the finished bytes.
 """
 from __future__ import annotations
 

@@ -38,14 +38,16 @@ class Transfer {
 class CopyEngine {
  public:
   virtual ~CopyEngine() = default;
-  // Starts copying every block of `copies` across all regions. `after_stream`
-  // (CUDA, 0 = none) is a stream whose queued work must finish before the
-  // copy reads or writes: the forward that fills an offloaded block, or the
-  // last reader of a block a restore overwrites.
-  virtual std::shared_ptr<Transfer> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream) = 0;
-  // True when transfers complete in submission order (one CUDA stream), so
-  // later transfers on the same block need no extra wait.
-  virtual bool ordered() const = 0;
+  // Starts copying every block of `copies` across all regions.
+  // - `after_stream` (CUDA, 0 = none) is a stream whose queued work must
+  //   finish before the copy reads or writes: the forward that fills an
+  //   offloaded block, or the last reader of a block a restore overwrites.
+  // - `after` are the earlier transfers that use one of the same slots or
+  //   blocks (SlotStore tracks them); the copy must not start before they
+  //   finish. The CPU engine waits for them; the CUDA engine orders its
+  //   streams on their events, so the host never blocks.
+  virtual std::shared_ptr<Transfer> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream,
+                                           const std::vector<std::shared_ptr<Transfer>>& after) = 0;
   // Copies one device block's bytes, region after region, into `dst`
   // (slot_bytes long), synchronously. Used by checksum verification.
   virtual void read_block(uint32_t block, uint8_t* dst) = 0;

@@ -71,7 +71,11 @@ void CpuCopyEngine::worker_loop() {
   }
 }
 
-std::shared_ptr<Transfer> CpuCopyEngine::submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t) {
+std::shared_ptr<Transfer> CpuCopyEngine::submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t,
+                                                const std::vector<std::shared_ptr<Transfer>>& after) {
+  // Workers take tasks in any order: an earlier copy of the same slot or
+  // block must be finished before this one is queued.
+  for (const auto& prior : after) prior->wait();
   auto job = std::make_shared<Job>();
   job->pieces.reserve(copies.size() * regions_.size());
   // Block-major order: each slot is written or read front to back.

@@ -19,8 +19,8 @@ class CpuCopyEngine : public CopyEngine {
   CpuCopyEngine(const RegionTable& regions, const HostArena& arena, unsigned workers, uint64_t task_bytes = 4u << 20);
   ~CpuCopyEngine() override;
 
-  std::shared_ptr<Transfer> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream) override;
-  bool ordered() const override { return workers_.empty(); }
+  std::shared_ptr<Transfer> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream,
+                                   const std::vector<std::shared_ptr<Transfer>>& after) override;
   void read_block(uint32_t block, uint8_t* dst) override;
   std::string name() const override;
 

@@ -1,6 +1,13 @@
 // The CUDA copy engine: every transfer is one batched operation on a
 // dedicated copy stream, tracked by one event.
 //
+// Two streams: restores on one, saves on the other, so a restore the next
+// forward waits for never queues behind saves of blocks the forward in flight
+// is still computing. Copies that share a slot or a block with an earlier
+// transfer on the other stream wait for its event (SlotStore names them), so
+// per slot and per block they still take effect in submission order.
+// HOSTCACHE_COPY_STREAMS=1 puts both on one stream (to measure the gain).
+//
 // Kernel path: one gather/scatter launch per transfer. The work is cut into
 // 2 KiB units (one warp, 4 x 16 B per lane); a unit is (copy entry, region,
 // offset), found through a per-slot table uploaded once, so regions of very
@@ -143,13 +150,14 @@ class EventPool {
 class CudaTransfer final : public Transfer {
  public:
   // Without an event the transfer is finished already (nothing to copy).
-  CudaTransfer(std::shared_ptr<EventPool> pool, Event ev, int device)
-      : pool_(std::move(pool)), ev_(std::move(ev)), device_(device), finished_(!ev_) {}
+  CudaTransfer(std::shared_ptr<EventPool> pool, Event ev, int device, cudaStream_t stream)
+      : pool_(std::move(pool)), ev_(std::move(ev)), device_(device), stream_(stream), finished_(!ev_) {}
   ~CudaTransfer() override {
     if (ev_) pool_->release(std::move(ev_));
   }
 
   cudaEvent_t event() const { return ev_.get(); }
+  cudaStream_t stream() const { return stream_; }  // the engine's stream it was queued on
   // An enqueue error: reported once the event (which covers whatever part
   // was queued) completes.
   void set_error(std::string error) {
@@ -208,6 +216,7 @@ class CudaTransfer final : public Transfer {
   std::shared_ptr<EventPool> pool_;
   Event ev_;
   int device_;
+  cudaStream_t stream_;
   std::mutex mu_;
   std::string error_;  // may be set at submit; the transfer still runs to its event
   bool finished_;
@@ -287,9 +296,9 @@ __global__ void __launch_bounds__(kThreads) copy_blocks_kernel(const KernelArgs 
 
 // ---- The engine ----
 
-// A pinned copy list and its device twin. The kernel reads the device twin;
-// the host side may be rewritten once last_use (recorded after the upload)
-// completes. The device side needs no event: every use is on the one stream.
+// A pinned copy list and its device twin, uploaded and read by the kernel on
+// one stream. Both may be rewritten once last_use (recorded after the kernel)
+// completes: the next user may be on the other stream.
 struct Staging {
   PinnedMem host;
   DeviceMem dev;
@@ -304,8 +313,8 @@ class CudaCopyEngine final : public CopyEngine {
   CudaCopyEngine(const RegionTable& regions, HostArena& arena, int device, CopyPath path);
   ~CudaCopyEngine() override;
 
-  std::shared_ptr<Transfer> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream) override;
-  bool ordered() const override { return true; }
+  std::shared_ptr<Transfer> submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream,
+                                   const std::vector<std::shared_ptr<Transfer>>& after) override;
   void read_block(uint32_t block, uint8_t* dst) override;
   // The path the transfers actually took: a kernel engine that copied some
   // transfers with memcpy, or a memcpy engine whose batches were refused,
@@ -328,8 +337,12 @@ class CudaCopyEngine final : public CopyEngine {
   std::unique_ptr<Staging> make_staging(size_t entries) const;
   Staging* acquire_staging(size_t entries);
   uint64_t slot_device_address(uint32_t slot);
-  std::string enqueue_kernel(Direction dir, const std::vector<Entry>& entries, Staging& st);
-  std::string enqueue_memcpy(Direction dir, const std::vector<BlockCopy>& copies);
+  cudaStream_t stream_for(Direction dir) const {
+    return dir == Direction::kRestore && restore_stream_ ? restore_stream_.get() : stream_.get();
+  }
+  void order_after(cudaStream_t s, const std::vector<std::shared_ptr<Transfer>>& after);
+  std::string enqueue_kernel(Direction dir, cudaStream_t s, const std::vector<Entry>& entries, Staging& st);
+  std::string enqueue_memcpy(Direction dir, cudaStream_t s, const std::vector<BlockCopy>& copies);
   void note_fallback(std::string why);
 
   const RegionTable& regions_;
@@ -344,7 +357,8 @@ class CudaCopyEngine final : public CopyEngine {
   uint64_t transfers_ = 0;           // submitted with something to copy
   uint64_t fallback_transfers_ = 0;  // of those, kernel engine only: copied by memcpy
   std::string fallback_reason_;      // why the last one was
-  Stream stream_;
+  Stream stream_;          // saves, and restores too with HOSTCACHE_COPY_STREAMS=1
+  Stream restore_stream_;  // restores; null with HOSTCACHE_COPY_STREAMS=1
   Event dep_event_;
   std::shared_ptr<EventPool> events_;
   DeviceMem dev_regions_;
@@ -410,9 +424,21 @@ void CudaCopyEngine::init() {
   // get SMs as soon as the forward's CTAs retire. The grid is small.
   int least = 0, greatest = 0;
   check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "querying stream priorities");
+  int streams = 2;
+  if (const char* env = std::getenv("HOSTCACHE_COPY_STREAMS")) {
+    const std::string v(env);
+    HC_REQUIRE(v == "1" || v == "2", "HOSTCACHE_COPY_STREAMS=", v,
+               " must be 1 (saves and restores on one stream) or 2 (the default)");
+    streams = v == "1" ? 1 : 2;
+  }
   cudaStream_t s = nullptr;
   check(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest), "creating the copy stream");
   stream_.reset(s);
+  if (streams == 2) {
+    s = nullptr;
+    check(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest), "creating the restore stream");
+    restore_stream_.reset(s);
+  }
   dep_event_ = make_event();
   events_ = std::make_shared<EventPool>(device_);
 
@@ -432,10 +458,12 @@ CudaCopyEngine::~CudaCopyEngine() {
 // than later in member destruction with whatever device is current.
 void CudaCopyEngine::release() noexcept {
   if (stream_ && cudaStreamSynchronize(stream_.get()) != cudaSuccess) cudaGetLastError();
+  if (restore_stream_ && cudaStreamSynchronize(restore_stream_.get()) != cudaSuccess) cudaGetLastError();
   staging_.clear();
   dev_unit_region_.reset();
   dev_regions_.reset();
   dep_event_.reset();
+  restore_stream_.reset();
   stream_.reset();
 }
 
@@ -535,20 +563,22 @@ uint64_t CudaCopyEngine::slot_device_address(uint32_t slot) {
   return cached == kUnreachable ? 0 : cached;
 }
 
-std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream) {
+std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream,
+                                                 const std::vector<std::shared_ptr<Transfer>>& after) {
   std::lock_guard<std::mutex> lock(mu_);
   for (const BlockCopy& c : copies) {
     HC_REQUIRE(c.slot < arena_.num_slots(), "host slot ", c.slot, " is outside the pool of ", arena_.num_slots(),
                " slots");
     regions_.check_block(c.block);
   }
-  if (copies.empty()) return std::make_shared<CudaTransfer>(events_, Event(), device_);
+  const cudaStream_t stream = stream_for(dir);
+  if (copies.empty()) return std::make_shared<CudaTransfer>(events_, Event(), device_, stream);
 
   // Everything that can throw happens before a copy is enqueued (the stream
-  // wait and the copy-list upload below touch no slot and no block).
+  // waits and the copy-list upload below touch no slot and no block).
   cuda::ScopedDevice guard(device_);
   check(guard.status(), concat("selecting CUDA device ", device_));
-  auto transfer = std::make_shared<CudaTransfer>(events_, events_->acquire(), device_);
+  auto transfer = std::make_shared<CudaTransfer>(events_, events_->acquire(), device_, stream);
 
   bool use_kernel = path_ == CopyPath::kKernel;
   std::string why_not;  // kernel engine: why this transfer goes by memcpy
@@ -576,15 +606,16 @@ std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<Bloc
 
   if (after_stream != 0) {
     cudaError_t e = cudaEventRecord(dep_event_.get(), reinterpret_cast<cudaStream_t>(after_stream));
-    if (e == cudaSuccess) e = cudaStreamWaitEvent(stream_.get(), dep_event_.get(), 0);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(stream, dep_event_.get(), 0);
     check(e, concat("ordering the copy after stream ", hex(after_stream)));
   }
+  order_after(stream, after);
 
   ++transfers_;
   std::string error;
   if (use_kernel) {
     // A failed upload or launch ran none of the copy: do it by memcpy instead.
-    std::string failed = enqueue_kernel(dir, entries, *st);
+    std::string failed = enqueue_kernel(dir, stream, entries, *st);
     if (!failed.empty()) {
       use_kernel = false;
       note_fallback(std::move(failed));
@@ -594,12 +625,12 @@ std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<Bloc
   }
   // From here on nothing throws once a piece is queued: a failure is
   // reported through the transfer, whose event covers whatever was queued.
-  if (!use_kernel) error = enqueue_memcpy(dir, copies);
-  const cudaError_t e = cudaEventRecord(transfer->event(), stream_.get());
+  if (!use_kernel) error = enqueue_memcpy(dir, stream, copies);
+  const cudaError_t e = cudaEventRecord(transfer->event(), stream);
   if (e != cudaSuccess) {
     cudaGetLastError();
     // Untrackable: drain the stream so no copy still touches the slots or blocks.
-    const cudaError_t s = cudaStreamSynchronize(stream_.get());
+    const cudaError_t s = cudaStreamSynchronize(stream);
     if (s != cudaSuccess) cudaGetLastError();
     transfer->fail_now(concat(
         error, error.empty() ? "" : "; ", "recording the copy's completion event failed: ", cuda::error_text(e),
@@ -610,43 +641,60 @@ std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<Bloc
   return transfer;
 }
 
+// Earlier transfers on the same slots or blocks: on this stream they are
+// ahead already; on the other stream the copy waits for their events.
+void CudaCopyEngine::order_after(cudaStream_t s, const std::vector<std::shared_ptr<Transfer>>& after) {
+  for (const auto& prior : after) {
+    auto* t = dynamic_cast<CudaTransfer*>(prior.get());
+    if (t == nullptr) {  // not this engine's: nothing to order on, so wait for it
+      prior->wait();
+      continue;
+    }
+    if (t->stream() == s || t->done()) continue;
+    check(cudaStreamWaitEvent(s, t->event(), 0), "ordering the copy after an earlier copy of the same slot or block");
+  }
+}
+
 void CudaCopyEngine::note_fallback(std::string why) {
   ++fallback_transfers_;
   fallback_reason_ = std::move(why);
 }
 
-std::string CudaCopyEngine::enqueue_kernel(Direction dir, const std::vector<Entry>& entries, Staging& st) {
+std::string CudaCopyEngine::enqueue_kernel(Direction dir, cudaStream_t s, const std::vector<Entry>& entries,
+                                           Staging& st) {
   const size_t bytes = entries.size() * sizeof(Entry);
   std::memcpy(st.host.get(), entries.data(), bytes);
-  cudaError_t e = cudaMemcpyAsync(st.dev.get(), st.host.get(), bytes, cudaMemcpyHostToDevice, stream_.get());
+  cudaError_t e = cudaMemcpyAsync(st.dev.get(), st.host.get(), bytes, cudaMemcpyHostToDevice, s);
   if (e != cudaSuccess) {
     cudaGetLastError();
     st.poisoned = true;  // the upload may be half queued: do not rewrite its source
     return concat("uploading the copy list failed: ", cuda::error_text(e));
   }
-  if (cudaEventRecord(st.last_use.get(), stream_.get()) == cudaSuccess) {
+  KernelArgs args{static_cast<const DevRegion*>(dev_regions_.get()),
+                  static_cast<const uint32_t*>(dev_unit_region_.get()), static_cast<const Entry*>(st.dev.get()),
+                  static_cast<uint64_t>(entries.size()) * units_per_slot_, units_per_slot_};
+  std::string failed;
+  if (args.total_units != 0) {  // an empty grid is a launch error, not a no-op
+    const uint64_t ctas = std::min<uint64_t>(max_ctas_, (args.total_units + kWarpsPerCta - 1) / kWarpsPerCta);
+    cudaGetLastError();  // drop a stale error so the check below is about this launch
+    if (dir == Direction::kOffload)
+      copy_blocks_kernel<true><<<static_cast<unsigned>(ctas), kThreads, 0, s>>>(args);
+    else
+      copy_blocks_kernel<false><<<static_cast<unsigned>(ctas), kThreads, 0, s>>>(args);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) failed = concat("launching the copy kernel failed: ", cuda::error_text(e));
+  }
+  // After the kernel, whether or not it launched: the upload is queued either way.
+  if (cudaEventRecord(st.last_use.get(), s) == cudaSuccess) {
     st.used = true;
   } else {
     cudaGetLastError();
     st.poisoned = true;
   }
-
-  KernelArgs args{static_cast<const DevRegion*>(dev_regions_.get()),
-                  static_cast<const uint32_t*>(dev_unit_region_.get()), static_cast<const Entry*>(st.dev.get()),
-                  static_cast<uint64_t>(entries.size()) * units_per_slot_, units_per_slot_};
-  if (args.total_units == 0) return {};  // an empty grid is a launch error, not a no-op
-  const uint64_t ctas = std::min<uint64_t>(max_ctas_, (args.total_units + kWarpsPerCta - 1) / kWarpsPerCta);
-  cudaGetLastError();  // drop a stale error so the check below is about this launch
-  if (dir == Direction::kOffload)
-    copy_blocks_kernel<true><<<static_cast<unsigned>(ctas), kThreads, 0, stream_.get()>>>(args);
-  else
-    copy_blocks_kernel<false><<<static_cast<unsigned>(ctas), kThreads, 0, stream_.get()>>>(args);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return concat("launching the copy kernel failed: ", cuda::error_text(e));
-  return {};
+  return failed;
 }
 
-std::string CudaCopyEngine::enqueue_memcpy(Direction dir, const std::vector<BlockCopy>& copies) {
+std::string CudaCopyEngine::enqueue_memcpy(Direction dir, cudaStream_t s, const std::vector<BlockCopy>& copies) {
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
@@ -686,7 +734,7 @@ std::string CudaCopyEngine::enqueue_memcpy(Direction dir, const std::vector<Bloc
     attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
     size_t attr_index = 0;
     const cudaError_t e =
-        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), sizes.size(), &attr, &attr_index, 1, stream_.get());
+        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), sizes.size(), &attr, &attr_index, 1, s);
     if (e == cudaSuccess) return {};
     cudaGetLastError();
     // Retry copy by copy now (copying a piece twice is harmless) and never
@@ -696,7 +744,7 @@ std::string CudaCopyEngine::enqueue_memcpy(Direction dir, const std::vector<Bloc
     batch_note = concat(" (after ", batch_off_reason_, ")");
   }
   for (size_t i = 0; i < sizes.size(); ++i) {
-    const cudaError_t e = cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream_.get());
+    const cudaError_t e = cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, s);
     if (e != cudaSuccess) {
       cudaGetLastError();
       return concat("cudaMemcpyAsync of piece ", i, " of ", sizes.size(), " (", format_bytes(sizes[i]),
@@ -710,8 +758,8 @@ void CudaCopyEngine::read_block(uint32_t block, uint8_t* dst) {
   regions_.check_block(block);
   cuda::ScopedDevice guard(device_);
   check(guard.status(), concat("selecting CUDA device ", device_));
-  // On the copy stream, so it sees every transfer queued before it.
-  cudaError_t e = cudaSuccess;
+  // After both streams drained, so it sees every transfer queued before it.
+  cudaError_t e = restore_stream_ ? cudaStreamSynchronize(restore_stream_.get()) : cudaSuccess;
   for (size_t r = 0; r < regions_.size() && e == cudaSuccess; ++r)
     e = cudaMemcpyAsync(dst + regions_.slot_offset(r), reinterpret_cast<const void*>(regions_.block_address(r, block)),
                         regions_[r].bytes, cudaMemcpyDeviceToHost, stream_.get());

@@ -3,8 +3,8 @@
 // them while it runs, and settles the index when it completes:
 //  - an offloaded slot becomes matchable only after its copy completed (C1);
 //  - every slot a queued or running transfer touches is pinned (C2);
-//  - on an unordered engine, a transfer on a device block waits for the
-//    previous transfer on that block (C3 inside the tier; SlotStore does it);
+//  - a transfer on a device block or slot is ordered after the previous
+//    transfer on it (C3 inside the tier; SlotStore does it);
 //  - checksum mode proves restored bytes equal offloaded bytes (C4);
 //  - a failed copy discards or unpins its slots and reports ok=false, so
 //    the caller recomputes; no slot is leaked (C6).

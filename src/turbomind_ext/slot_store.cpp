@@ -39,6 +39,8 @@ const char* pin_mode_name(PinMode m) {
 
 SlotStore::SlotStore(const SlotStoreOptions& o, std::vector<Region> regions, uint64_t num_device_blocks)
     : regions_(std::move(regions), num_device_blocks), arena_(make_arena(o, regions_)) {
+  last_block_use_.resize(regions_.num_blocks());
+  last_slot_use_.resize(arena_->num_slots());
   if (o.cuda) engine_ = make_cuda_copy_engine(regions_, *arena_, o.device, o.copy_path);
   else engine_ = std::make_unique<CpuCopyEngine>(regions_, *arena_, o.cpu_workers);
 }
@@ -64,25 +66,24 @@ void SlotStore::check_copies(const std::vector<BlockCopy>& copies) const {
 std::shared_ptr<Transfer> SlotStore::submit(Direction dir, const std::vector<BlockCopy>& copies,
                                             uintptr_t after_stream) {
   std::lock_guard<std::mutex> lock(mu_);  // the arena's lazy pinning is not thread-safe on its own
+  check_copies(copies);
   for (const BlockCopy& c : copies) arena_->prepare(c.slot);
-  const bool ordered = engine_->ordered();
-  if (!ordered) {
-    auto wait_for = [](std::unordered_map<uint32_t, std::weak_ptr<Transfer>>& last, uint32_t id) {
-      auto it = last.find(id);
-      if (it == last.end()) return;
-      if (auto prior = it->second.lock()) prior->wait();
-    };
-    for (const BlockCopy& c : copies) {
-      wait_for(last_block_use_, c.block);
-      wait_for(last_slot_use_, c.slot);
-    }
+  std::vector<std::shared_ptr<Transfer>> after;
+  auto note_prior = [&after](const std::weak_ptr<Transfer>& last) {
+    std::shared_ptr<Transfer> prior = last.lock();
+    if (!prior || prior->done()) return;
+    for (const auto& a : after)
+      if (a == prior) return;
+    after.push_back(std::move(prior));
+  };
+  for (const BlockCopy& c : copies) {
+    note_prior(last_block_use_[c.block]);
+    note_prior(last_slot_use_[c.slot]);
   }
-  std::shared_ptr<Transfer> t = engine_->submit(dir, copies, after_stream);
-  if (!ordered) {
-    for (const BlockCopy& c : copies) {
-      last_block_use_[c.block] = t;
-      last_slot_use_[c.slot] = t;
-    }
+  std::shared_ptr<Transfer> t = engine_->submit(dir, copies, after_stream, after);
+  for (const BlockCopy& c : copies) {
+    last_block_use_[c.block] = t;
+    last_slot_use_[c.slot] = t;
   }
   std::vector<std::shared_ptr<Transfer>> still;
   for (auto& u : unfinished_)

@@ -9,7 +9,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "copy_engine.h"
@@ -57,11 +56,10 @@ class SlotStore {
 
   // Starts one batched copy. Slots are pinned on first use (lazy pinning).
   // Copies take effect in submission order per slot and per device block:
-  // the CUDA engine runs them on one stream; on an unordered engine a copy
-  // first waits for the previous transfer on the same slot or block.
-  // Throws only before anything is queued.
+  // a copy is ordered after the previous transfer on each of its slots and
+  // blocks (the CUDA engine by events between its streams, the CPU engine by
+  // waiting). Throws only before anything is queued.
   std::shared_ptr<Transfer> submit(Direction dir, const std::vector<BlockCopy>& copies, uintptr_t after_stream);
-  bool ordered() const { return engine_->ordered(); }
 
   uint64_t slot_checksum(uint32_t slot) const;
   // Reads the device block back (synchronously) and hashes it like a slot.
@@ -73,7 +71,9 @@ class SlotStore {
   std::unique_ptr<HostArena> arena_;
   std::unique_ptr<CopyEngine> engine_;
   std::mutex mu_;
-  std::unordered_map<uint32_t, std::weak_ptr<Transfer>> last_block_use_, last_slot_use_;
+  // The last transfer on each device block and slot. Weak: a finished
+  // transfer may go; an unfinished one is held by unfinished_.
+  std::vector<std::weak_ptr<Transfer>> last_block_use_, last_slot_use_;
   std::vector<std::shared_ptr<Transfer>> unfinished_;  // held until done: the destructor waits for them
   std::vector<uint8_t> scratch_;
 };

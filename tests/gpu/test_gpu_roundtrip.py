@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmdeploy_hostcache import HostCache, HostCacheConfig, build_info
+from lmdeploy_hostcache import HostCache, HostCacheConfig, SlotStore, build_info
+from slot_chain import run_chain
 
 pytestmark = pytest.mark.skipif(not (build_info()["gpu_usable"] and torch.cuda.is_available()),
                                 reason=f"needs a usable GPU: {build_info()['reason']}")
@@ -133,6 +134,29 @@ def test_copies_order_after_the_given_stream(path):
     consumer.synchronize()
     assert bool((seen == 7).all())
     assert t.wait()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("streams", ["2", "1"])
+def test_chained_copies_keep_order_across_the_copy_streams(path, streams, monkeypatch):
+    """Restores and saves run on two streams: a copy sharing a slot or block
+    with an earlier one on the other stream must wait for it. Saves are held
+    back behind a busy stream, so a restore that skipped that wait would
+    overtake the save it depends on."""
+    monkeypatch.setenv("HOSTCACHE_COPY_STREAMS", streams)
+    pool = gpu_pool("int4", 24, seed=7)
+    slot = pool.shape[0] * pool.shape[2]
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=16 * ((slot + 255) // 256 * 256), copy_path=path),
+                                   [pool], 1)
+    busy = torch.cuda.Stream()
+
+    def save_after():
+        with torch.cuda.stream(busy):
+            torch.cuda._sleep(1_000_000)  # about half a millisecond
+        return busy
+
+    assert run_chain(store, lambda b: block_bytes(pool, b), 24, seed=11, steps=80, save_after=save_after) > 80
+    busy.synchronize()
 
 
 def test_unpinned_pool_still_copies_exactly():

@@ -113,8 +113,8 @@ def test_host_pool_sizing_by_ratio_size_and_ram():
 
 
 class _FakeTransfer:
-    def __init__(self, log, name):
-        self.log, self.name, self.finished = log, name, False
+    def __init__(self, log, name, direction):
+        self.log, self.name, self.direction, self.finished = log, name, direction, False
 
     def done(self):
         return self.finished
@@ -138,7 +138,7 @@ class _FakeStore:
     def _t(self, kind):
         self.n += 1
         self.log.append((kind, self.n))
-        return _FakeTransfer(self.log, self.n)
+        return _FakeTransfer(self.log, self.n, kind)
 
     def offload(self, slots, blocks, after_stream=None):
         return self._t("offload")
@@ -176,12 +176,15 @@ def test_forward_skips_waiting_for_saves_when_no_block_was_freed():
     assert ("wait", 1) in store.log
     store.log.clear()
     w.after_model(_plan(post=[(1, 2)]), None)
-    w.before_model(_plan(restore=[(3, 4)], wait_saves=False), None)  # own restores: always waited
-    assert ("wait", 2) in store.log and ("wait", 3) in store.log
+    # Own restores are always waited for; saves still not, and the next forward that must wait covers them.
+    w.before_model(_plan(restore=[(3, 4)], wait_saves=False), None)
+    assert ("wait", 3) in store.log and ("wait", 2) not in store.log
+    w.before_model(_plan(pre=[(5, 6)], wait_saves=False), None)  # pre saves: wait for every save
+    assert ("wait", 2) in store.log and ("wait", 4) in store.log
     store.log.clear()
     w.after_model(_plan(post=[(1, 2)]), None)
     w.before_model(None, None)  # a forward without a plan waits for everything
-    assert ("wait", 4) in store.log
+    assert ("wait", 5) in store.log
 
 
 def test_tier_stays_off_with_a_connector_memdecode_or_dllm():
