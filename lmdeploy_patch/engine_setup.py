@@ -63,11 +63,16 @@ def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on
         raise ValueError(f"{setting} gives a host pool smaller than one KV block ({strides[0]} bytes); raise it")
     need = slots * max(strides) * ranks_on_this_host
     if need + RAM_RESERVE_BYTES > available_ram:
+        fits = max(0, available_ram - RAM_RESERVE_BYTES)
+        if setting == "host_cache_size":
+            most = f"host_cache_size / --host-cache-size {fits / ranks_on_this_host / GiB:.2f} or less"
+        else:  # the largest ratio whose pool fits, as the user would type it
+            gpu_bytes = ranks_on_this_host * cache_config.num_gpu_blocks * max(strides)
+            most = f"host_cache_ratio / --host-cache-ratio {int(fits / gpu_bytes * 100) / 100:.2f} or less"
         raise ValueError(
             f"{setting} asks for {need / GiB:.2f} GiB of host memory ({ranks_on_this_host} rank(s) x "
             f"{slots} blocks) but {available_ram / GiB:.2f} GiB is available and {RAM_RESERVE_BYTES / GiB:.0f} GiB "
-            f"is kept in reserve; lower {setting} (at most "
-            f"{max(0, available_ram - RAM_RESERVE_BYTES) / GiB:.2f} GiB in all)")
+            f"is kept in reserve ({fits / GiB:.2f} GiB usable); set {most}")
     return slots
 
 

@@ -104,8 +104,15 @@ def test_host_pool_sizing_by_ratio_size_and_ram():
     assert host_pool_slots(cc, [1000], 1, available_ram=64 * GiB) == 200_000 // 1024
     cc.host_cache_size = 1.0
     assert host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=64 * GiB) == 1024
-    with pytest.raises(ValueError, match="host_cache_size asks for 16.00 GiB .* lower host_cache_size"):
+    # 12 GiB available, 2 GiB reserve: 10 GiB for two ranks on this host
+    with pytest.raises(ValueError, match=r"host_cache_size asks for 16.00 GiB .* set host_cache_size "
+                                         r"/ --host-cache-size 5.00 or less"):
         host_pool_slots(SimpleNamespace(host_cache_ratio=0, host_cache_size=8.0, num_gpu_blocks=10),
+                        [1 << 20, 1 << 20], 2, available_ram=12 * GiB)
+    # ratio 6 of 1024 one-MiB blocks on each of two ranks: 12 GiB asked, 5 GiB per rank fits: ratio 5
+    with pytest.raises(ValueError, match=r"host_cache_ratio asks for 12.00 GiB .* set host_cache_ratio "
+                                         r"/ --host-cache-ratio 5.00 or less"):
+        host_pool_slots(SimpleNamespace(host_cache_ratio=6.0, host_cache_size=None, num_gpu_blocks=1024),
                         [1 << 20, 1 << 20], 2, available_ram=12 * GiB)
     with pytest.raises(ValueError, match="smaller than one KV block"):
         host_pool_slots(SimpleNamespace(host_cache_ratio=0.001, host_cache_size=None, num_gpu_blocks=10),
