@@ -11,10 +11,11 @@ import numpy as np
 
 
 def run_chain(store, read_block: Callable[[int], bytes], num_blocks: int, seed: int, steps: int = 120,
-              most: int = 6, save_after: Optional[Callable[[], Any]] = None) -> int:
-    """Returns the number of copies checked. `save_after` gives each save's
-    after_stream: on a GPU, a stream kept busy makes saves start late, so a
-    restore that should wait for one would otherwise overtake it."""
+              most: int = 6, after: Optional[Callable[[str], Any]] = None) -> int:
+    """Returns the number of copies checked. `after(direction)` gives each
+    copy's after_stream: on a GPU, streams kept busy for random times make
+    copies start late, so one that should wait for an earlier copy on the
+    other copy stream would otherwise overtake it."""
     rng = np.random.default_rng(seed)
     slots = store.num_slots
     block_val = [read_block(b) for b in range(num_blocks)]
@@ -28,15 +29,12 @@ def run_chain(store, read_block: Callable[[int], bytes], num_blocks: int, seed: 
         if known and rng.random() < 0.5:
             chosen = rng.choice(known, size=min(k, len(known)), replace=False)
             blocks = blocks[:len(chosen)]
-            transfers.append(store.restore(chosen, blocks))
+            transfers.append(store.restore(chosen, blocks, **_after(after, "restore")))
             for s, b in zip(chosen, blocks):
                 block_val[b] = slot_val[s]
         else:
             chosen = rng.choice(slots, size=k, replace=False)
-            if save_after is None:
-                transfers.append(store.offload(chosen, blocks))
-            else:
-                transfers.append(store.offload(chosen, blocks, after_stream=save_after()))
+            transfers.append(store.offload(chosen, blocks, **_after(after, "offload")))
             for s, b in zip(chosen, blocks):
                 slot_val[s] = block_val[b]
     for t in transfers:
@@ -47,3 +45,7 @@ def run_chain(store, read_block: Callable[[int], bytes], num_blocks: int, seed: 
     for b, want in enumerate(block_val):
         assert read_block(b) == want, f"device block {b} holds the wrong bytes"
     return sum(t.num_blocks for t in transfers)
+
+
+def _after(after: Optional[Callable[[str], Any]], direction: str) -> dict:
+    return {} if after is None else {"after_stream": after(direction)}

@@ -1,5 +1,5 @@
-// The CUDA copy engine: every transfer is one batched operation on a
-// dedicated copy stream, tracked by one event.
+// The CUDA copy engine: every transfer is one batched operation on one of
+// its two copy streams, tracked by one event.
 //
 // Two streams: restores on one, saves on the other, so a restore the next
 // forward waits for never queues behind saves of blocks the forward in flight
@@ -758,13 +758,15 @@ void CudaCopyEngine::read_block(uint32_t block, uint8_t* dst) {
   regions_.check_block(block);
   cuda::ScopedDevice guard(device_);
   check(guard.status(), concat("selecting CUDA device ", device_));
-  // After both streams drained, so it sees every transfer queued before it.
-  cudaError_t e = restore_stream_ ? cudaStreamSynchronize(restore_stream_.get()) : cudaSuccess;
+  // On the restore stream: only restores write device blocks, so it sees
+  // every one queued before it, without waiting for saves.
+  const cudaStream_t stream = stream_for(Direction::kRestore);
+  cudaError_t e = cudaSuccess;
   for (size_t r = 0; r < regions_.size() && e == cudaSuccess; ++r)
     e = cudaMemcpyAsync(dst + regions_.slot_offset(r), reinterpret_cast<const void*>(regions_.block_address(r, block)),
-                        regions_[r].bytes, cudaMemcpyDeviceToHost, stream_.get());
+                        regions_[r].bytes, cudaMemcpyDeviceToHost, stream);
   // Drain even after a failure: dst belongs to the caller once we return.
-  const cudaError_t s = cudaStreamSynchronize(stream_.get());
+  const cudaError_t s = cudaStreamSynchronize(stream);
   check(e, concat("reading device block ", block));
   check(s, concat("reading device block ", block));
 }

@@ -32,7 +32,7 @@ DeviceInfo device_info();
 // Registers host ranges with cudaHostRegister (portable, mapped).
 std::unique_ptr<Pinner> make_cuda_pinner(int device);
 
-// A copy engine over a dedicated CUDA copy stream on `device`. Host slots
+// A copy engine over two dedicated CUDA copy streams (restores, saves) on `device`. Host slots
 // must come from `arena`; a slot in an unpinned chunk forces the memcpy path
 // for that transfer (the kernel cannot read pageable memory).
 std::unique_ptr<CopyEngine> make_cuda_copy_engine(const RegionTable& regions, HostArena& arena, int device,

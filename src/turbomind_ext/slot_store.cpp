@@ -1,5 +1,7 @@
 #include "slot_store.h"
 
+#include <algorithm>
+
 #include "cpu_copy_engine.h"
 #include "errors.h"
 #include "xxh64.h"
@@ -68,10 +70,11 @@ std::shared_ptr<Transfer> SlotStore::submit(Direction dir, const std::vector<Blo
   std::lock_guard<std::mutex> lock(mu_);  // the arena's lazy pinning is not thread-safe on its own
   check_copies(copies);
   for (const BlockCopy& c : copies) arena_->prepare(c.slot);
+  // The last transfer on each slot and block, each once; a finished one needs no order.
   std::vector<std::shared_ptr<Transfer>> after;
   auto note_prior = [&after](const std::weak_ptr<Transfer>& last) {
     std::shared_ptr<Transfer> prior = last.lock();
-    if (!prior || prior->done()) return;
+    if (!prior) return;
     for (const auto& a : after)
       if (a == prior) return;
     after.push_back(std::move(prior));
@@ -80,16 +83,19 @@ std::shared_ptr<Transfer> SlotStore::submit(Direction dir, const std::vector<Blo
     note_prior(last_block_use_[c.block]);
     note_prior(last_slot_use_[c.slot]);
   }
+  auto finished = [](const std::shared_ptr<Transfer>& x) { return x->done(); };
+  after.erase(std::remove_if(after.begin(), after.end(), finished), after.end());
+  // Nothing may allocate (and so throw) once the copy is queued: a running
+  // transfer must be held in unfinished_, which is what lets an expired
+  // last-use entry mean "finished" and the destructor wait for every copy.
+  unfinished_.erase(std::remove_if(unfinished_.begin(), unfinished_.end(), finished), unfinished_.end());
+  unfinished_.reserve(unfinished_.size() + 1);
   std::shared_ptr<Transfer> t = engine_->submit(dir, copies, after_stream, after);
+  unfinished_.push_back(t);
   for (const BlockCopy& c : copies) {
     last_block_use_[c.block] = t;
     last_slot_use_[c.slot] = t;
   }
-  std::vector<std::shared_ptr<Transfer>> still;
-  for (auto& u : unfinished_)
-    if (!u->done()) still.push_back(std::move(u));
-  unfinished_.swap(still);
-  unfinished_.push_back(t);
   return t;
 }
 

@@ -140,23 +140,26 @@ def test_copies_order_after_the_given_stream(path):
 @pytest.mark.parametrize("streams", ["2", "1"])
 def test_chained_copies_keep_order_across_the_copy_streams(path, streams, monkeypatch):
     """Restores and saves run on two streams: a copy sharing a slot or block
-    with an earlier one on the other stream must wait for it. Saves are held
-    back behind a busy stream, so a restore that skipped that wait would
-    overtake the save it depends on."""
+    with an earlier one on the other stream must wait for it. Each copy is
+    held back behind its direction's busy stream for a random time, so one
+    that skipped that wait would overtake the copy it depends on."""
     monkeypatch.setenv("HOSTCACHE_COPY_STREAMS", streams)
     pool = gpu_pool("int4", 24, seed=7)
     slot = pool.shape[0] * pool.shape[2]
     store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=16 * ((slot + 255) // 256 * 256), copy_path=path),
                                    [pool], 1)
-    busy = torch.cuda.Stream()
+    busy = {"offload": torch.cuda.Stream(), "restore": torch.cuda.Stream()}
+    rng = np.random.default_rng(13)
 
-    def save_after():
-        with torch.cuda.stream(busy):
-            torch.cuda._sleep(1_000_000)  # about half a millisecond
-        return busy
+    def after(direction: str) -> torch.cuda.Stream:
+        with torch.cuda.stream(busy[direction]):
+            torch.cuda._sleep(int(rng.integers(0, 2_000_000)))  # up to about a millisecond
+        return busy[direction]
 
-    assert run_chain(store, lambda b: block_bytes(pool, b), 24, seed=11, steps=80, save_after=save_after) > 80
-    busy.synchronize()
+    assert run_chain(store, lambda b: block_bytes(pool, b), 24, seed=11, steps=80, after=after) > 80
+    for s in busy.values():
+        s.synchronize()
+    assert store.stats()["copy_engine"].startswith("cuda-" + path)
 
 
 def test_unpinned_pool_still_copies_exactly():
