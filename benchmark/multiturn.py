@@ -3,8 +3,9 @@
 Each simulated user walks one conversation turn by turn: a turn's prompt is
 the previous prompt, the reply, and the next user message, so a server that
 caches well reuses everything but the new message. Users arrive up to a
-concurrency limit and think between turns; the defaults make the live
-working set at least 4x the GPU KV cache.
+concurrency limit (the first wave spread over --ramp-s) and think between
+turns (pauses drawn per user and turn, so tier off and on see the same ones);
+the defaults make the live working set at least 4x the GPU KV cache.
 
     python benchmark/multiturn.py --replay --json results/multiturn.json
     python benchmark/multiturn.py --server MODEL_DIR --compare --json results/server.json   # GPU
@@ -112,7 +113,7 @@ def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, k
             last[0] = time.perf_counter()
             print(f"  [{label}] {done}/{total} turns", file=sys.stderr, flush=True)
 
-    res = engine.run(users, args.concurrency, args.think_s, args.seed, progress)
+    res = engine.run(users, args.concurrency, args.think_s, args.seed, progress, ramp_s=args.ramp_s)
     out = res.summary()
     out["gpu_blocks"], out["host_blocks"], out["kv_block_bytes"] = gpu_blocks, host_slots, kv_bytes
     out["timeline"] = res.timeline[:: max(1, len(res.timeline) // 400)]
@@ -202,7 +203,7 @@ def run_server_mode(args: argparse.Namespace) -> dict[str, dict]:
         def drive(base_url: str, model: str) -> dict:
             before = scrape_metrics(base_url)
             records = asyncio.run(run_users(base_url, model, convs, args.concurrency, args.think_s, args.seed,
-                                            progress))
+                                            progress, ramp_s=args.ramp_s))
             time.sleep(11)  # the server refreshes its scheduler gauges every 10 s
             return summarize_server(records, before, scrape_metrics(base_url), pinned)
 
@@ -233,7 +234,8 @@ def run_pipeline_mode(args: argparse.Namespace) -> dict[str, dict]:
                                   quant_policy=args.quant_policy, **extra)
         pipe = pipeline(args.pipeline, backend_config=cfg, log_level="WARNING")
         try:
-            records, before, after = run_pipeline_users(pipe, convs, args.concurrency, args.think_s, args.seed)
+            records, before, after = run_pipeline_users(pipe, convs, args.concurrency, args.think_s, args.seed,
+                                                        ramp_s=args.ramp_s)
         finally:
             pipe.close()
             del pipe
@@ -388,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=96, help="conversations (one user each)")
     ap.add_argument("--concurrency", type=int, default=32, help="users in a conversation at once")
     ap.add_argument("--think-s", type=float, default=30.0, help="mean think time between turns (exponential)")
+    ap.add_argument("--ramp-s", type=float,
+                    help="the first --concurrency users arrive evenly over this many seconds, not all at once "
+                         "(default: --think-s)")
     ap.add_argument("--max-turns", type=int, default=6)
     ap.add_argument("--max-user-tokens", type=int, default=1024)
     ap.add_argument("--max-reply-tokens", type=int, default=256)
@@ -408,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy-gbps", type=float, default=cost.copy_gbps,
                     help=f"cost model: host<->GPU GB/s (default {cost.copy_gbps:g})")
     args = ap.parse_args(argv)
+    if args.ramp_s is None:
+        args.ramp_s = args.think_s
+    if args.ramp_s < 0:
+        ap.error(f"--ramp-s must be >= 0 seconds, got {args.ramp_s}")
     cost = CostModel(args.prefill_tok_s, args.decode_step_ms / 1e3, args.copy_gbps,
                      cost.source if (args.prefill_tok_s, args.copy_gbps) == (cost.prefill_tok_s, cost.copy_gbps)
                      else "command line")

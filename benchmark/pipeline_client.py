@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 
-from server_client import RequestRecord
+from server_client import RequestRecord, ramp_delay
 
 
 def counters(engine, records: list[RequestRecord], cached: int) -> dict[str, float]:
@@ -63,7 +63,7 @@ async def _one(engine, tokenizer, messages: list, gen_config, rec: RequestRecord
 
 
 def run_pipeline_users(pipe, conversations: list[list[tuple[str, int]]], concurrency: int, think_s: float,
-                       seed: int, progress=None) -> tuple[list[RequestRecord], dict, dict]:
+                       seed: int, progress=None, ramp_s: float = 0.0) -> tuple[list[RequestRecord], dict, dict]:
     """Returns (records, counters before, counters after)."""
     from lmdeploy import GenerationConfig
 
@@ -81,6 +81,7 @@ def run_pipeline_users(pipe, conversations: list[list[tuple[str, int]]], concurr
 
         async def user(uid, conv):
             async with sem:
+                await asyncio.sleep(ramp_delay(uid, concurrency, len(conversations), ramp_s))
                 messages = []
                 for t, (msg, reply_len) in enumerate(conv):
                     messages.append({"role": "user", "content": msg})

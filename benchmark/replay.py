@@ -151,19 +151,25 @@ class ReplayEngine:
         self.cost = cost
 
     def run(self, users: list[User], concurrency: int, think_s: float, seed: int,
-            progress: Optional[Callable[[int, int], None]] = None) -> ReplayResult:
+            progress: Optional[Callable[[int, int], None]] = None, ramp_s: float = 0.0) -> ReplayResult:
+        """ramp_s spreads the first `concurrency` users' arrivals evenly over
+        that many seconds (later users start when one finishes)."""
         import torch
         from lmdeploy.pytorch.messages import UpdateTokenMode
 
         rng = np.random.default_rng(seed)
+        # Drawn up front per (user, turn), so runs that finish turns in a
+        # different order (tier off and on) still give every user the same pauses.
+        think = [rng.exponential(think_s, size=len(u.turns)) if think_s > 0 else np.zeros(len(u.turns))
+                 for u in users]
         sched, res = self.scheduler, ReplayResult()
         wall0 = time.perf_counter()
         now = 0.0
         arrivals: list[tuple[float, int]] = []  # (time, uid) of each user's next turn
         queue = list(range(len(users)))[::-1]  # users not started yet
-        for _ in range(min(concurrency, len(users))):
-            uid = queue.pop()
-            heapq.heappush(arrivals, (0.0, uid))
+        first = min(concurrency, len(users))
+        for i in range(first):
+            heapq.heappush(arrivals, (ramp_s * i / first, queue.pop()))
         waiting: dict[int, User] = {}  # id(seq) -> user, turns not yet prefilled
         running: list = []
         owner: dict[int, User] = {}
@@ -185,7 +191,7 @@ class ReplayEngine:
             res.requests += 1
             user.turn += 1
             if user.turn < len(user.turns):
-                heapq.heappush(arrivals, (now + float(rng.exponential(think_s)) if think_s > 0 else now, user.uid))
+                heapq.heappush(arrivals, (now + float(think[user.uid][user.turn - 1]), user.uid))
             else:
                 sched.end_session(user.uid)
                 if queue:

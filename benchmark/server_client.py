@@ -84,9 +84,16 @@ async def _chat(session, base_url: str, model: str, messages: list, max_tokens: 
     return "".join(parts)
 
 
+def ramp_delay(uid: int, concurrency: int, users: int, ramp_s: float) -> float:
+    """When user `uid` of the first wave arrives (users start in uid order)."""
+    first = min(concurrency, users)
+    return ramp_s * uid / first if uid < first else 0.0
+
+
 async def run_users(base_url: str, model: str, conversations: list[list[tuple[str, int]]], concurrency: int,
-                    think_s: float, seed: int, progress=None) -> list[RequestRecord]:
-    """conversations[u] = [(user message, reply length), ...]."""
+                    think_s: float, seed: int, progress=None, ramp_s: float = 0.0) -> list[RequestRecord]:
+    """conversations[u] = [(user message, reply length), ...]; ramp_s spreads
+    the first `concurrency` users' arrivals evenly over that many seconds."""
     import aiohttp
 
     rng = random.Random(seed)
@@ -98,6 +105,7 @@ async def run_users(base_url: str, model: str, conversations: list[list[tuple[st
 
     async def user(uid: int, conv: list[tuple[str, int]]) -> None:
         async with sem:
+            await asyncio.sleep(ramp_delay(uid, concurrency, len(conversations), ramp_s))
             messages: list = []
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 for t, (msg, reply_len) in enumerate(conv):

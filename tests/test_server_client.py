@@ -15,7 +15,7 @@ web = pytest.importorskip("aiohttp.web")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
 
 import multiturn  # noqa: E402
-from server_client import run_users, scrape_metrics  # noqa: E402
+from server_client import ramp_delay, run_users, scrape_metrics  # noqa: E402
 
 
 class FakeServer:
@@ -85,11 +85,13 @@ def test_users_walk_conversations_and_metrics_add_up():
         url = f"http://127.0.0.1:{srv.port}"
         convs = [[(f"hello {u} turn {t} " * 3, 5) for t in range(3)] for u in range(4)]
         before = scrape_metrics(url)
-        records = asyncio.run(run_users(url, "fake", convs, concurrency=2, think_s=0.01, seed=0))
+        records = asyncio.run(run_users(url, "fake", convs, concurrency=2, think_s=0.01, seed=0, ramp_s=0.4))
         after = scrape_metrics(url)
     finally:
         srv.close()
     assert len(records) == 12 and not any(r.error for r in records)
+    first = {r.user: r.sent for r in records if r.turn == 0}
+    assert first[1] - first[0] >= 0.15  # the first wave of 2 users spread over 0.4 s
     # each turn sends the whole conversation: the server's own earlier replies included
     longest = max(srv.requests, key=len)
     assert [m["role"] for m in longest] == ["user", "assistant", "user", "assistant", "user"]
@@ -100,6 +102,12 @@ def test_users_walk_conversations_and_metrics_add_up():
     assert s["tokens_gpu_hit"] + s["tokens_host_hit"] + s["tokens_recomputed"] == s["prompt_tokens"] > 0
     assert s["tokens_host_hit"] == srv.counters["host"] and s["restore_gbps"] == pytest.approx(1000 / 1e-6 / 1e9)
     assert 0 < s["ttft_p50_s"] < 5 and s["itl_p50_s"] > 0
+
+
+def test_ramp_spreads_only_the_first_wave():
+    assert [ramp_delay(u, 4, 10, 8.0) for u in range(6)] == [0.0, 2.0, 4.0, 6.0, 0.0, 0.0]
+    assert [ramp_delay(u, 8, 2, 1.0) for u in range(2)] == [0.0, 0.5]  # fewer users than the concurrency
+    assert ramp_delay(3, 4, 10, 0.0) == 0.0
 
 
 class FakePipe:
