@@ -19,5 +19,5 @@ timeout 240 "$PY" tests/gpu/tiny_model.py "$MODEL" --llama3-8b-shape --corpus "$
 # Pin the host pool at start-up: lazy chunk registration would land inside the timed runs.
 HOSTCACHE_PIN=eager timeout 540 "$PY" benchmark/multiturn.py --server "$MODEL" --compare --data "$DATA" \
   --users "${USERS:-64}" --concurrency "${CONCURRENCY:-32}" --think-s "${THINK_S:-5}" \
-  --max-turns 4 --max-reply-tokens 128 --quant-policy 4 --server-gpu-blocks "${GPU_BLOCKS:-256}" \
+  --max-turns 4 --max-reply-tokens "${REPLY_TOKENS:-128}" --quant-policy 4 --server-gpu-blocks "${GPU_BLOCKS:-256}" \
   --host-ratio 8 --max-batches 64 --log-dir "$OUT" --json "$OUT/multiturn.json" 2>&1 | tee "$OUT/multiturn.log"

@@ -194,6 +194,46 @@ def test_forward_skips_waiting_for_saves_when_no_block_was_freed():
     assert ("wait", 5) in store.log
 
 
+class _TimingEvent:
+    """Stands in for torch.cuda.Event, which needs a GPU: the stream-wait
+    bookkeeping under test is plain Python."""
+
+    def __init__(self, enable_timing=False):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 1.0
+
+
+def test_cuda_forward_waits_on_the_newest_copy_of_each_stream(monkeypatch):
+    """Restores and saves run on two streams, each in order: a forward waits
+    on the newest restore, and on the newest save only when it must."""
+    import torch
+
+    from lmdeploy_patch.copy_plan import WorkerTier
+
+    monkeypatch.setattr(torch.cuda, "Event", _TimingEvent)
+    store = _FakeStore()
+    w = WorkerTier(store, cuda=True)
+    w.after_model(_plan(post=[(1, 2)]), "fwd")                        # 1: save
+    w.after_model(_plan(post=[(3, 4)]), "fwd")                        # 2: save, behind 1 on its stream
+    w.before_model(_plan(restore=[(5, 6)], wait_saves=False), "fwd")  # 3: restore
+    assert [e for e in store.log if e[0] == "stream_wait"] == [("stream_wait", 3)]
+    store.log.clear()
+    w.before_model(_plan(wait_saves=True), "fwd")  # an eviction: the newest save covers both
+    assert [e for e in store.log if e[0] == "stream_wait"] == [("stream_wait", 2)]
+    store.log.clear()
+    w.before_model(_plan(wait_saves=True), "fwd")  # nothing left to wait for
+    assert not store.log
+    assert w.wait_seconds() == pytest.approx(2e-3)  # two waits of 1 ms each
+
+
 def test_tier_stays_off_with_a_connector_memdecode_or_dllm():
     from lmdeploy.messages import KVTransferConfig
     from lmdeploy_patch.engine_setup import off_reason, size_host_pool
