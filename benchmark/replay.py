@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from server_client import ramp_delay
+
 
 class LogicalClock:
     """Stands in for time.perf_counter in LMDeploy's block allocator, whose
@@ -167,9 +169,9 @@ class ReplayEngine:
         now = 0.0
         arrivals: list[tuple[float, int]] = []  # (time, uid) of each user's next turn
         queue = list(range(len(users)))[::-1]  # users not started yet
-        first = min(concurrency, len(users))
-        for i in range(first):
-            heapq.heappush(arrivals, (ramp_s * i / first, queue.pop()))
+        for _ in range(min(concurrency, len(users))):
+            uid = queue.pop()
+            heapq.heappush(arrivals, (ramp_delay(uid, concurrency, len(users), ramp_s), uid))
         waiting: dict[int, User] = {}  # id(seq) -> user, turns not yet prefilled
         running: list = []
         owner: dict[int, User] = {}

@@ -38,7 +38,8 @@ class Transfer {
 class CopyEngine {
  public:
   virtual ~CopyEngine() = default;
-  // Starts copying every block of `copies` across all regions.
+  // Starts copying every block of `copies` across all regions. The caller
+  // (SlotStore) has checked every slot and block against the pools.
   // - `after_stream` (CUDA, 0 = none) is a stream whose queued work must
   //   finish before the copy reads or writes: the forward that fills an
   //   offloaded block, or the last reader of a block a restore overwrites.

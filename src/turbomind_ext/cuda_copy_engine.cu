@@ -565,12 +565,7 @@ uint64_t CudaCopyEngine::slot_device_address(uint32_t slot) {
 
 std::shared_ptr<Transfer> CudaCopyEngine::submit(Direction dir, std::vector<BlockCopy> copies, uintptr_t after_stream,
                                                  const std::vector<std::shared_ptr<Transfer>>& after) {
-  std::lock_guard<std::mutex> lock(mu_);
-  for (const BlockCopy& c : copies) {
-    HC_REQUIRE(c.slot < arena_.num_slots(), "host slot ", c.slot, " is outside the pool of ", arena_.num_slots(),
-               " slots");
-    regions_.check_block(c.block);
-  }
+  std::lock_guard<std::mutex> lock(mu_);  // SlotStore::submit checked every slot and block
   const cudaStream_t stream = stream_for(dir);
   if (copies.empty()) return std::make_shared<CudaTransfer>(events_, Event(), device_, stream);
 
