@@ -83,7 +83,7 @@ step micro 120 "$PY" benchmark/micro.py --json "$OUT/micro.json"
   echo; echo "build: $(cat "$OUT/build_info.json")"
   echo; echo "## setup"; echo '```'; grep -E '^(== |lmdeploy |patch |host_cache|/tmp/)|--host-cache ' "$OUT/setup.log" | head -n 30; echo '```'
   echo; echo "## pytest"; echo '```'; grep -E '^(FAILED|ERROR|SKIPPED)' "$OUT/pytest.log" | head -n 30
-  sed -n '/= GPU notes =/,/= slowest/p' "$OUT/pytest.log" | head -n 40
+  sed -n '/= run notes =/,/= slowest/p' "$OUT/pytest.log" | head -n 40
   grep -E '^== pytest: rc|^[0-9]+ (passed|failed|skipped|error)|^=+ .*(passed|failed|error).* =+$' "$OUT/pytest.log"; echo '```'
   echo; echo "## micro"; echo '```'; cat "$OUT/micro.log"; echo '```'
   echo; echo "total: $SECONDS s, exit $status"

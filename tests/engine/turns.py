@@ -1,16 +1,18 @@
 """One LMDeploy pipeline (PyTorch engine, in this process) through a fixed
 multi-turn plan under greedy decoding; writes what it generated as JSON.
 
-    python tests/gpu/lmdeploy_turns.py --model DIR --out FILE.json [--quant-policy 4]
-        [--gpu-blocks 32] [--host-cache-ratio 8]
+    python tests/engine/turns.py --model DIR --out FILE.json [--quant-policy 4]
+        [--gpu-blocks 32] [--host-cache-ratio 8] [--write-policy write_back]
+        [--concurrent] [--fault corrupt-restores]
 
-Used by test_lmdeploy_engine.py, one process per engine configuration (a
-fresh interpreter each: no engine state, CUDA context or patch state leaks
-from one configuration into the next, and the runs can share the GPU).
+Used by test_engine_turns.py, one process per engine configuration (a fresh
+interpreter each: no engine state, CUDA context, patch or shim state leaks
+from one configuration into the next).
 
 The plan: S sessions of T turns, run turn by turn with the sessions
 interleaved (turn 1 of every session, then turn 2, ...), one request at a
-time. Every prompt is token ids (no chat-template round trip through text):
+time, or with --concurrent every session's request of a turn in flight
+together. Every prompt is token ids (no chat-template round trip through text):
 
     <s> SYSTEM | <|user|> words <|end|> <|assistant|> REPLY <|end|> | ... | <|user|> words <|end|> <|assistant|>
 
@@ -85,24 +87,51 @@ def _metrics(m) -> dict:
             "host_cache": dict(host) if host is not None else None}
 
 
+def corrupt_restores() -> None:
+    """Test-only fault: zero every block right after its host restore landed
+    (and before the model reads it). The tokens must then differ from the
+    reference's, which is what shows the equality tests can fail."""
+    from lmdeploy_patch import copy_plan
+
+    before_model = copy_plan.WorkerTier.before_model
+
+    def corrupted(self, plan, stream):
+        before_model(self, plan, stream)
+        if plan is None or not len(plan.restore_blocks):
+            return
+        for pool in self.store._allocation.pools:
+            t = pool.tensor  # [layers, kernel blocks, bytes]
+            per = t.shape[1] // self.store.num_device_blocks
+            for b in plan.restore_blocks.tolist():
+                t[:, b * per:(b + 1) * per].zero_()
+
+    copy_plan.WorkerTier.before_model = corrupted
+
+
+def engine_config(args: argparse.Namespace):
+    from lmdeploy import PytorchEngineConfig
+
+    extra = {}
+    if args.host_cache_ratio > 0:
+        extra = dict(host_cache_ratio=args.host_cache_ratio, host_cache_write_policy=args.write_policy)
+    return PytorchEngineConfig(session_len=4096, max_batch_size=8, block_size=64, num_gpu_blocks=args.gpu_blocks,
+                               enable_prefix_caching=True, quant_policy=args.quant_policy, eager_mode=args.eager,
+                               **extra)
+
+
 def run(args: argparse.Namespace) -> tuple[dict, object]:
     t0 = time.perf_counter()
     from transformers import AutoTokenizer
 
     import lmdeploy
-    from lmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
+    from lmdeploy import GenerationConfig, pipeline
 
+    if args.fault == "corrupt-restores":
+        corrupt_restores()
     tok = AutoTokenizer.from_pretrained(args.model)
     special = {s: tok.convert_tokens_to_ids(s) for s in tiny_model.SPECIAL}
     plan = make_plan(tiny_model.word_ids(tok), args.sessions, args.turns, args.seed)
-
-    extra = {}
-    if args.host_cache_ratio > 0:
-        extra["host_cache_ratio"] = args.host_cache_ratio
-    cfg = PytorchEngineConfig(session_len=4096, max_batch_size=8, block_size=64, num_gpu_blocks=args.gpu_blocks,
-                              enable_prefix_caching=True, quant_policy=args.quant_policy, eager_mode=args.eager,
-                              **extra)
-    pipe = pipeline(args.model, backend_config=cfg, log_level="WARNING")
+    pipe = pipeline(args.model, backend_config=engine_config(args), log_level="WARNING")
     t_built = time.perf_counter()
     engine = pipe.async_engine
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, ignore_eos=True)
@@ -114,11 +143,16 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     history: list[list[tuple[list[int], list[int]]]] = [[] for _ in range(args.sessions)]
     turns = []
     for t in range(args.turns):
-        for s in range(args.sessions):
-            user = plan["users"][s][t]
-            ids = prompt_ids(special, plan, history[s], user)
-            r = call(_generate(engine, ids, gen))
-            history[s].append((user, r["tokens"]))
+        prompts = [prompt_ids(special, plan, history[s], plan["users"][s][t]) for s in range(args.sessions)]
+        if args.concurrent:
+            async def wave():
+                return await asyncio.gather(*(_generate(engine, ids, gen) for ids in prompts))
+
+            results = call(wave())
+        else:
+            results = [call(_generate(engine, ids, gen)) for ids in prompts]
+        for s, (ids, r) in enumerate(zip(prompts, results)):
+            history[s].append((plan["users"][s][t], r["tokens"]))
             turns.append({"session": s, "turn": t, "input_len": len(ids), **r})
     t_done = time.perf_counter()
     # The API server's path (AsyncEngine -> Engine.get_schedule_metrics), on the engine's loop.
@@ -130,9 +164,9 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         patch = {"error": repr(e)}
     result = {
-        "config": {"quant_policy": args.quant_policy, "gpu_blocks": args.gpu_blocks,
-                   "host_cache_ratio": args.host_cache_ratio, "sessions": args.sessions, "turns": args.turns,
-                   "max_new_tokens": args.max_new_tokens, "eager": args.eager},
+        "config": {k: getattr(args, k) for k in ("quant_policy", "gpu_blocks", "host_cache_ratio", "write_policy",
+                                                 "sessions", "turns", "max_new_tokens", "eager", "concurrent",
+                                                 "fault")},
         "lmdeploy": lmdeploy.__version__, "patch": patch, "metrics": metrics, "turns": turns,
         "seconds": {"import_and_build": round(t_built - t0, 2), "requests": round(t_done - t_built, 2)},
     }
@@ -146,12 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant-policy", type=int, default=0)
     p.add_argument("--gpu-blocks", type=int, default=32)
     p.add_argument("--host-cache-ratio", type=float, default=0.0, help="0: tier off (the field is not even passed)")
+    p.add_argument("--write-policy", default="write_through")
     p.add_argument("--sessions", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--eager", action="store_true", help="eager_mode=True (no CUDA graphs)")
-    p.add_argument("--request-timeout", type=float, default=60.0)
+    p.add_argument("--concurrent", action="store_true", help="a turn's requests of all sessions in flight together")
+    p.add_argument("--fault", choices=["corrupt-restores"], default=None, help="test-only fault (negative control)")
+    p.add_argument("--request-timeout", type=float, default=120.0)
     args = p.parse_args(argv)
     try:
         result, pipe = run(args)
@@ -160,12 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-    tmp = args.out + ".tmp"
+    write_json(args.out, result)
+    print(json.dumps({k: result[k] for k in ("config", "metrics", "seconds")}), flush=True)
+    close_and_exit(pipe)
+
+
+def write_json(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    os.replace(tmp, args.out)
-    print(json.dumps({k: result[k] for k in ("config", "metrics", "seconds")}), flush=True)
-    # Results are written: a close that hangs must not hold the test up.
+    os.replace(tmp, path)
+
+
+def close_and_exit(pipe) -> None:
+    """Results are written: a close that hangs must not hold the test up."""
     threading.Timer(30.0, lambda: os._exit(0)).start()
     try:
         pipe.close()
