@@ -13,6 +13,8 @@ Why each hook is safe:
 - agent._restore_cache_checkpoint / _save_cache_checkpoint: LMDeploy calls
   them on the forward stream right before and after the model; they are
   looked up as module globals at call time, so replacing them takes effect.
+- BaseModelAgent.release: engine close (Engine._loop_finally); the store
+  waits for its copies and is dropped before LMDeploy releases the rest.
 - BaseModelAgent.sleep / Engine.sleep: sleep releases the KV pools (wakeup
   builds new ones, possibly for new weights). The rank's store holds the
   pools, so it is dropped after LMDeploy's sleep drained the device, and the
@@ -95,6 +97,7 @@ def _patch_agent(module) -> None:
         Agent = require_attr(module, "BaseModelAgent", "agent")
         build = hooked(Agent, "build_cache_engine", ["self"], "BaseModelAgent")
         agent_sleep = hooked(Agent, "sleep", ["self", "level"], "BaseModelAgent")
+        agent_release = hooked(Agent, "release", ["self"], "BaseModelAgent")
 
         def _current_stream(worker):
             if not worker.cuda:
@@ -141,10 +144,18 @@ def _patch_agent(module) -> None:
                     torch.cuda.empty_cache()
             return result
 
+        def release(self):
+            # Engine close: the rank's store (its copies finished first) goes
+            # with the agent, or a process that builds engines one after
+            # another keeps every closed engine's host pool alive.
+            drop_worker(self.__dict__.pop("_hc_worker_key", None))
+            return agent_release(self)
+
         STATE.patcher.setattr(module, "_restore_cache_checkpoint", _restore_cache_checkpoint)
         STATE.patcher.setattr(module, "_save_cache_checkpoint", _save_cache_checkpoint)
         STATE.patcher.setattr(Agent, "build_cache_engine", build_cache_engine)
         STATE.patcher.setattr(Agent, "sleep", sleep)
+        STATE.patcher.setattr(Agent, "release", release)
 
     apply("agent.copies", patch)
 

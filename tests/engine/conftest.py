@@ -111,6 +111,22 @@ def stop_tree(proc: subprocess.Popen, grace: float) -> None:
     proc.wait()
 
 
+def in_private_netns(cmd: list[str]) -> list[str]:
+    """`cmd` inside a new network namespace with only loopback up: servers it
+    starts (the API server, its engine process, anything listening on all
+    interfaces) are unreachable from outside and reach nothing outside."""
+    return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+
+
+def netns_problem() -> Optional[str]:
+    """Why a private network namespace cannot be made here, or None."""
+    try:
+        r = subprocess.run(in_private_netns(["true"]), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare --net failed: {e}"
+    return None if r.returncode == 0 else f"unshare --net failed: {r.stderr.strip()[:200]}"
+
+
 class EngineRuns:
     """Starts driver scripts (one engine process each), `parallel` at a
     time, and collects the JSON each writes; a run that fails gives its log."""
@@ -118,9 +134,10 @@ class EngineRuns:
     def __init__(self, out: Path, parallel: int, timeout: float):
         self.out, self.parallel, self.timeout = out, parallel, timeout
 
-    def run(self, jobs: dict[str, list[str]], env: Optional[dict] = None) -> dict:
+    def run(self, jobs: dict[str, list[str]], env: Optional[dict] = None, netns: bool = False) -> dict:
         """name -> argv after `python`; returns name -> result dict or error string.
-        Each argv gets `--out FILE` appended."""
+        Each argv gets `--out FILE` appended. netns: in a private network
+        namespace of its own (servers that listen)."""
         env = env or engine_env()
         pending = list(jobs.items())
         running: dict[str, tuple[subprocess.Popen, object, float]] = {}
@@ -131,6 +148,7 @@ class EngineRuns:
                     name, argv = pending.pop(0)
                     log = open(self.out / f"{name}.log", "w")
                     cmd = [sys.executable, *argv, "--out", str(self.out / f"{name}.json")]
+                    cmd = in_private_netns(cmd) if netns else cmd
                     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
                     running[name] = (proc, log, time.monotonic())
                 for name, (proc, log, t0) in list(running.items()):

@@ -36,23 +36,10 @@ def chat_workload(eng: SimEngine, seed: int = 1, sessions: int = 6, rounds: int 
 
 def assert_balanced(eng: SimEngine) -> None:
     """No pinned slot, no leaked GPU block: what is allocated is the trie."""
-    sched = eng.scheduler
-    bm = sched.block_manager
-    trie_nodes = 0
-    stack = list(sched.block_trie._roots.values())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children.values())
-        if node.parent is not None:
-            trie_nodes += 1
-            assert int(bm.allocator.get_ref_count(node.block_id)) == 1
-    usable = sched.cache_config.num_gpu_blocks - sched.cache_config.num_reserved_gpu_blocks
-    assert bm.get_num_free_gpu_blocks() + trie_nodes == usable
-    if eng.tier is not None:
-        ix = eng.tier.index
-        ix.check_invariants()
-        assert all(ix.pins(s) == 0 for s in range(ix.capacity)), "a host slot is still pinned"
-        assert not eng.tier._restores and not eng.tier._pre
+    from balance import balance_problems
+
+    problems = balance_problems(eng.scheduler, eng.tier)
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("policy", ["write_through", "write_through_selective", "write_back"])

@@ -166,6 +166,7 @@ def _build_mode(torch: Any) -> Any:
     Tensor = torch.Tensor
     returns_self = {Tensor.cuda, Tensor.pin_memory}
     noop = {Tensor.record_stream}
+    parse_to = torch._C._nn._parse_to
 
     class CudaAsCpu(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -180,6 +181,8 @@ def _build_mode(torch: Any) -> Any:
                 kwargs["pin_memory"] = False
             if func is Tensor.to and len(args) > 1 and _is_cuda(args[1]):
                 args = (args[0], "cpu", *args[2:])
+            elif func is parse_to and args and _is_cuda(args[0]):  # Module.to(device)
+                args = ("cpu", *args[1:])
             return func(*args, **kwargs)
 
     return CudaAsCpu()
