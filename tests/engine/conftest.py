@@ -1,6 +1,6 @@
 """LMDeploy 0.18.0's real engine in test processes: on a GPU when this build
 finds a usable one, else on the CPU through the test-only shim
-(cpu_shim/lmdeploy_on_cpu.py). The tests themselves are the same files in
+(site/lmdeploy_on_cpu.py). The tests themselves are the same files in
 both modes; every engine runs in a subprocess of its own, so neither the
 shim nor an engine's state reaches the pytest process or another engine.
 
@@ -23,7 +23,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-SHIM_DIR = HERE / "cpu_shim"
+SITE_DIR = HERE / "site"  # test-only sitecustomize (site/sitecustomize.py)
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
@@ -67,14 +67,13 @@ def _engine_mode_usable() -> None:
 
 def engine_env(**extra: str) -> dict:
     """The environment of an engine process: the shim switched on in CPU mode."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+               HOSTCACHE_TEST_START_RACE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(SITE_DIR), str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
     if MODE == "cpu":
-        env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
         env["HOSTCACHE_TEST_LMDEPLOY_ON_CPU"] = "1"
         # Two cores for a few engines: one torch thread each keeps them from thrashing.
         env.setdefault("OMP_NUM_THREADS", "1")
-    else:
-        env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(extra)
     return env
 

@@ -37,7 +37,7 @@ Refused with one line: any LMDeploy but 0.18.0, and attention features
 this attention does not implement (sliding window, alibi, logit softcap,
 MLA, learnable sinks, block-sparse attention, fp8 and TurboQuant KV).
 
-Loaded by cpu_shim/sitecustomize.py when HOSTCACHE_TEST_LMDEPLOY_ON_CPU=1 and
+Loaded by site/sitecustomize.py when HOSTCACHE_TEST_LMDEPLOY_ON_CPU=1 and
 this folder is on PYTHONPATH (tests/engine/conftest.py sets both for the
 engine processes it starts); nothing in lmdeploy_patch/ or python/ knows it.
 """

@@ -1,0 +1,183 @@
+"""Two `lmdeploy serve api_server` processes driven by the `openai` client,
+for test_api_server.py; writes what they answered as JSON.
+
+    python tests/engine/server_chat.py --model DIR --out FILE.json
+
+Run it inside a private network namespace (conftest.in_private_netns): the
+servers bind 127.0.0.1, their engine processes and whatever else listens
+stay inside.
+
+  ref : tier off, a GPU cache that never evicts;
+  on  : `--host-cache` (default ratio) with a 24-block GPU cache.
+
+Several conversations, turn by turn with the conversations interleaved, one
+streaming request at a time (so both servers see the same schedule), greedy;
+each reply is resent in the next turn as the assistant message. Then the
+`on` server's /metrics, read until LMDeploy's periodic statistics update
+has caught up with the last request.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import tiny_model  # noqa: E402
+from conftest import stop_tree, tail  # noqa: E402
+from turns import write_json  # noqa: E402
+
+START_TIMEOUT = 240
+METRICS_TIMEOUT = 60   # LMDeploy refreshes schedule metrics about every 10 s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    with opener.open(url, timeout=timeout) as r:
+        return r.read().decode(errors="replace")
+
+
+def start_server(model: str, args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "lmdeploy", "serve", "api_server", model, "--backend", "pytorch",
+           "--enable-prefix-caching", "--max-batch-size", "8", "--session-len", "4096", "--model-name", "tiny",
+           "--server-name", "127.0.0.1", "--server-port", str(port), "--log-level", "WARNING", *args]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=os.environ)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+class StartRace(RuntimeError):
+    """LMDeploy 0.18.0's ZMQMPEngine._start_mp_proc leaves its mp.Manager as
+    soon as it has the engine's RPC port, while the engine process may still
+    be releasing the manager's Condition: the engine process then dies with
+    EOFError before it built anything. A start that failed that way is retried."""
+
+
+def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            body = log.read_text(errors="replace")
+            if "Process mp_engine_proc:" in body and "EOFError" in body and "managers.py" in body:
+                raise StartRace(tail(log, 20))
+            raise RuntimeError(f"api_server exited with {proc.returncode} while starting:\n{tail(log)}")
+        if time.monotonic() - t0 > START_TIMEOUT:
+            raise RuntimeError(f"api_server not ready after {START_TIMEOUT} s:\n{tail(log)}")
+        try:
+            http_get(base + "/v1/models")
+            return
+        except OSError:
+            time.sleep(1.0)
+
+
+def text(n: int, seed: int) -> str:
+    import numpy as np
+
+    w = tiny_model.words(505)
+    rng = np.random.default_rng(seed)
+    return " ".join(w[i] for i in rng.integers(0, len(w), n))
+
+
+def converse(base: str, conversations: int, turns: int, max_tokens: int) -> list[dict]:
+    """Interleaved conversations, streamed; one record per request."""
+    from openai import OpenAI
+
+    client = OpenAI(api_key="none", base_url=base + "/v1", timeout=300, max_retries=0)
+    system = {"role": "system", "content": text(100, 1)}
+    history = [[system] for _ in range(conversations)]
+    out = []
+    for t in range(turns):
+        for c in range(conversations):
+            history[c].append({"role": "user", "content": text(250, 100 * c + t)})
+            stream = client.chat.completions.create(model="tiny", messages=history[c], max_completion_tokens=max_tokens,
+                                                    temperature=0.0, stream=True,
+                                                    stream_options={"include_usage": True})
+            reply, usage, finish = "", None, None
+            for chunk in stream:
+                if chunk.choices:
+                    reply += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            details = getattr(usage, "prompt_tokens_details", None)
+            out.append({"conversation": c, "turn": t, "reply": reply, "finish_reason": finish,
+                        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                        "cached_tokens": int(getattr(details, "cached_tokens", 0) or 0)})
+            history[c].append({"role": "assistant", "content": reply})
+    return out
+
+
+def metric_values(body: str) -> dict[str, float]:
+    """lmdeploy:* samples (labels dropped; one engine here)."""
+    values = {}
+    for m in re.finditer(r"^(lmdeploy:[A-Za-z0-9_:]+)(?:\{[^}]*\})? ([-+0-9.eEinfINFnaN]+)$", body, re.MULTILINE):
+        values[m.group(1)] = float(m.group(2))
+    return values
+
+
+def settled_metrics(base: str, requests: int) -> dict[str, float]:
+    """/metrics once two reads an update apart agree and count every request."""
+    deadline = time.monotonic() + METRICS_TIMEOUT
+    last: dict = {}
+    while time.monotonic() < deadline:
+        now = metric_values(http_get(base + "/metrics"))
+        if now.get("lmdeploy:host_cache_queried_tokens", 0) > 0 and now == last:
+            return now
+        last = now
+        time.sleep(11.0)
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--conversations", type=int, default=6)
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=12)
+    a = p.parse_args(argv)
+    logs = Path(a.out).parent
+    servers = {"ref": ["--num-gpu-blocks", "512"], "on": ["--host-cache", "--num-gpu-blocks", "24"]}
+    procs: dict = {}
+    result: dict = {"servers": servers, "start_retries": 0}
+    try:
+        for k, args in servers.items():  # one after the other: a loaded machine widens LMDeploy's start race
+            log = logs / f"server-{k}.log"
+            for attempt in range(3):
+                procs[k] = start_server(a.model, args, log)
+                try:
+                    wait_ready(*procs[k], log)
+                    break
+                except StartRace:
+                    stop_tree(procs[k][0], grace=0)
+                    if attempt == 2:
+                        raise
+                    result["start_retries"] += 1
+        for k, (_, base) in procs.items():
+            result[k] = converse(base, a.conversations, a.turns, a.max_tokens)
+        result["metrics"] = settled_metrics(procs["on"][1], len(result["on"]))
+        result["metrics_ref"] = metric_values(http_get(procs["ref"][1] + "/metrics"))
+    finally:
+        for proc, _ in procs.values():
+            stop_tree(proc, grace=20)
+    write_json(a.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

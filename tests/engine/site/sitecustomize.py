@@ -1,0 +1,19 @@
+"""Loads test support into every interpreter started with this folder on
+PYTHONPATH (tests/engine/conftest.py engine_env() does it for the engine
+processes, and they pass it on to what they spawn, such as the API server's
+engine process). A .pth file cannot: it runs before site-packages, where
+torch and LMDeploy live, are on sys.path.
+
+  HOSTCACHE_TEST_LMDEPLOY_ON_CPU=1  lmdeploy_on_cpu: the real engine without a GPU
+  HOSTCACHE_TEST_START_RACE=1       lmdeploy_start_race: LMDeploy's API-server start race
+"""
+import os
+
+if os.environ.get("HOSTCACHE_TEST_LMDEPLOY_ON_CPU") == "1":
+    import lmdeploy_on_cpu
+
+    lmdeploy_on_cpu.install_from_site()
+if os.environ.get("HOSTCACHE_TEST_START_RACE") == "1":
+    import lmdeploy_start_race
+
+    lmdeploy_start_race.install()

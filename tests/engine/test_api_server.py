@@ -1,0 +1,84 @@
+"""`lmdeploy serve api_server MODEL --backend pytorch --host-cache` driven by
+the `openai` client with streaming (server_chat.py, inside a private network
+namespace), against a tier-off server whose GPU cache never evicts; and one
+short `lmdeploy chat` session with the host-cache flags."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, EngineRuns, engine_env, get, netns_problem
+
+BLOCK_TOKENS = 64
+# Tiny model (tiny_model.py): 4 layers x (K, V) x 2 KV heads x head dim 64 x 64 tokens x 2 bytes (bf16).
+BLOCK_BYTES = 4 * 2 * 2 * 64 * BLOCK_TOKENS * 2
+DEFAULT_RATIO, ON_GPU_BLOCKS = 4, 24
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory, run_notes) -> dict:
+    problem = netns_problem()
+    if problem:
+        pytest.skip(f"the API-server test runs in a private network namespace: {problem}")
+    out = tmp_path_factory.mktemp("api-server")
+    results = EngineRuns(out, parallel=1, timeout=480).run(
+        {"chat": ["tests/engine/server_chat.py", "--model", tiny_model_dir]}, netns=True)
+    res = get(results, "chat")
+    run_notes.append(f"api_server: start retries {res['start_retries']}, /metrics "
+                     + ", ".join(f"{k.split(':')[1]}={v:g}" for k, v in res["metrics"].items() if "host_cache" in k))
+    return res
+
+
+def test_every_reply_equals_the_never_evicting_server(served):
+    ref, on = served["ref"], served["on"]
+    assert len(on) == len(ref) == 18
+    for a, b in zip(on, ref):
+        assert a["completion_tokens"] > 0 and a["finish_reason"] in ("stop", "length"), a
+        assert a["prompt_tokens"] == b["prompt_tokens"], (a, b)
+    diffs = [(a["conversation"], a["turn"]) for a, b in zip(on, ref) if a["reply"] != b["reply"]]
+    assert not diffs, f"(conversation, turn) whose reply differs from the never-evicting server: {diffs}"
+
+
+def test_cached_tokens_count_host_hits(served):
+    """usage.prompt_tokens_details.cached_tokens: the tier-on server reports
+    what the never-evicting one does, though its 24-block GPU cache lost most
+    of it; without the host hits it would report less."""
+    ref, on, m = served["ref"], served["on"], served["metrics"]
+    per_turn = [(a["conversation"], a["turn"], a["cached_tokens"], b["cached_tokens"])
+                for a, b in zip(on, ref) if a["cached_tokens"] != b["cached_tokens"]]
+    assert not per_turn, per_turn
+    hits = m["lmdeploy:host_cache_hit_tokens"]
+    cached = sum(r["cached_tokens"] for r in on)
+    assert 0 < hits <= cached and hits % BLOCK_TOKENS == 0, (hits, cached)
+
+
+def test_metrics_agree_with_the_engine(served):
+    m = served["metrics"]
+    g = {k.split("host_cache_")[1]: v for k, v in m.items() if "host_cache_" in k}
+    assert g["slots_total"] == DEFAULT_RATIO * ON_GPU_BLOCKS  # --host-cache: the default ratio
+    assert g["bytes_saved"] == g["blocks_saved"] * BLOCK_BYTES
+    assert g["bytes_restored"] == g["blocks_restored"] * BLOCK_BYTES
+    assert g["slots_used"] == g["blocks_saved"] - g["evictions"]
+    assert g["occupancy"] == pytest.approx(g["slots_used"] / g["slots_total"])
+    assert g["hit_rate"] == pytest.approx(g["hit_tokens"] / g["queried_tokens"])
+    assert g["blocks_restored"] * BLOCK_TOKENS <= g["hit_tokens"]  # restores skipped by trie dedup are not copied
+    assert g["blocks_restored"] > 0 and g["saves_dropped"] == 0
+    assert m["lmdeploy:prefix_cache_hit_rate"] > 0
+    assert not any("host_cache" in k for k in served["metrics_ref"]), "the tier-off server exports host figures"
+
+
+def test_lmdeploy_chat_with_the_host_cache_flags(tiny_model_dir):
+    words = "ba be bi bo bu " * 30
+    script = f"{words}\n\n{words} da de\n\nexit\n\n"
+    r = subprocess.run([sys.executable, "-m", "lmdeploy", "chat", tiny_model_dir, "--backend", "pytorch",
+                        "--cache-max-entry-count", "0.005", "--host-cache-ratio", "2", "--host-cache-write-policy", "write_back",
+                        "--session-len", "1024",
+                        ], input=script, capture_output=True, text=True, timeout=240,
+                       env=engine_env(), cwd=str(REPO))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "exiting..." in r.stdout, out[-3000:]
+    assert "host cache on:" in out and "write policy write_back" in out, out[-3000:]
+    assert r.stdout.count("double enter to end input") == 3, r.stdout[-2000:]
