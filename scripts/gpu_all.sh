@@ -68,7 +68,7 @@ print('lmdeploy', lmdeploy.__version__, 'from', lmdeploy.__file__)
 print('patch', lmdeploy_patch.status())
 print('host_cache_ratio field:', PytorchEngineConfig(host_cache_ratio=2.0).host_cache_ratio)"
 step setup 60 bash -c "'$PY' -m lmdeploy serve api_server --help | grep -E -- '--host-cache|--num-gpu-blocks'"
-step setup 120 "$PY" tests/gpu/tiny_model.py "$HOSTCACHE_TINY_MODEL"
+step setup 120 "$PY" tests/engine/tiny_model.py "$HOSTCACHE_TINY_MODEL"
 # GPU tests first (they matter most here), then the CPU suite. Keep 45 s for the benchmark and report.
 per_test=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=420)

@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 MODEL=${MODEL:-/tmp/hc-llama3-8b-shape}
 DATA=${DATA:-.whl/sharegpt_sample.json}
 
-timeout 240 "$PY" tests/gpu/tiny_model.py "$MODEL" --llama3-8b-shape --corpus "$DATA" || exit 1
+timeout 240 "$PY" tests/engine/tiny_model.py "$MODEL" --llama3-8b-shape --corpus "$DATA" || exit 1
 # Pin the host pool at start-up: lazy chunk registration would land inside the timed runs.
 HOSTCACHE_PIN=eager timeout 540 "$PY" benchmark/multiturn.py --server "$MODEL" --compare --data "$DATA" \
   --users "${USERS:-64}" --concurrency "${CONCURRENCY:-32}" --think-s "${THINK_S:-5}" \
