@@ -163,6 +163,10 @@ def summarize_server(records: list, before: dict, after: dict, pinned_gbps: floa
         "host_slots_used": after.get("lmdeploy:host_cache_slots_used", 0.0),
         "host_occupancy": after.get("lmdeploy:host_cache_occupancy", 0.0),
         "prefix_cache_hit_rate": after.get("lmdeploy:prefix_cache_hit_rate", 0.0),
+        # per request, in (user, turn) order: what lets tier off and on be compared turn for turn
+        "per_request": [{"user": r.user, "turn": r.turn, "prompt_tokens": r.prompt_tokens,
+                         "output_tokens": r.output_tokens, "reply": r.reply, "error": r.error}
+                        for r in sorted(records, key=lambda r: (r.user, r.turn))],
     }
 
 
@@ -205,7 +209,9 @@ def run_server_mode(args: argparse.Namespace) -> dict[str, dict]:
             records = asyncio.run(run_users(base_url, model, convs, args.concurrency, args.think_s, args.seed,
                                             progress, ramp_s=args.ramp_s))
             time.sleep(11)  # the server refreshes its scheduler gauges every 10 s
-            return summarize_server(records, before, scrape_metrics(base_url), pinned)
+            # turns_planned: a user whose request fails stops there, so `requests` alone hides the turns never sent
+            return {**summarize_server(records, before, scrape_metrics(base_url), pinned),
+                    "turns_planned": sum(len(c) for c in convs)}
 
         if args.url:
             runs["server"] = drive(args.url.rstrip("/"), args.model_name)
@@ -241,7 +247,7 @@ def run_pipeline_mode(args: argparse.Namespace) -> dict[str, dict]:
             del pipe
             gc.collect()
             torch.cuda.empty_cache()
-        runs[name] = summarize_server(records, before, after, pinned)
+        runs[name] = {**summarize_server(records, before, after, pinned), "turns_planned": sum(len(c) for c in convs)}
     return runs
 
 

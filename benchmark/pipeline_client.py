@@ -39,13 +39,13 @@ def engine_loop(engine):
     return engine._pipe_loop
 
 
-async def _one(engine, tokenizer, messages: list, gen_config, rec: RequestRecord) -> tuple[str, int]:
+async def _one(engine, messages: list, gen_config, rec: RequestRecord) -> tuple[str, int]:
     session = engine.session_mgr.get()
     request = await engine.preprocess(messages=messages, session_id=session, gen_config=gen_config)
     rec.prompt_tokens = int(request.input_token_len)
     tokens: list[int] = []
     texts: list[str] = []
-    cached = 0
+    cached, finish = 0, None
     rec.sent = time.perf_counter()
     async for out in engine.generate(request, stream_response=True):  # GenOut deltas
         new = list(out.token_ids or [])
@@ -57,9 +57,13 @@ async def _one(engine, tokenizer, messages: list, gen_config, rec: RequestRecord
             tokens += new
         texts.append(out.response or "")
         cached = max(cached, int(out.cached_tokens or 0))
+        finish = getattr(out, "finish_reason", None) or finish
     rec.done = time.perf_counter()
     rec.output_tokens = len(tokens)
-    return "".join(texts) or tokenizer.decode(tokens), cached
+    if finish in ("abort", "error"):  # AsyncEngine.generate ends a dropped request with a GenOut, not a raise
+        rec.error = f"finish_reason {finish}"
+    # The tokenizer is the AsyncEngine's: LMDeploy 0.18's Pipeline has no `tokenizer`.
+    return "".join(texts) or engine.tokenizer.decode(tokens), cached
 
 
 def run_pipeline_users(pipe, conversations: list[list[tuple[str, int]]], concurrency: int, think_s: float,
@@ -69,7 +73,6 @@ def run_pipeline_users(pipe, conversations: list[list[tuple[str, int]]], concurr
 
     engine = pipe.async_engine
     engine._pipe_loop = pipe.internal_thread.loop
-    tokenizer = pipe.tokenizer
     rng = random.Random(seed)
     think = [[rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in c] for c in conversations]
     records: list[RequestRecord] = []
@@ -88,15 +91,18 @@ def run_pipeline_users(pipe, conversations: list[list[tuple[str, int]]], concurr
                     rec = RequestRecord(uid, t, 0.0)
                     gen = GenerationConfig(max_new_tokens=reply_len, do_sample=False, ignore_eos=True)
                     try:
-                        reply, cached = await _one(engine, tokenizer, list(messages), gen, rec)
+                        reply, cached = await _one(engine, list(messages), gen, rec)
                     except Exception as e:  # noqa: BLE001 - recorded per request, the run goes on
                         rec.error = repr(e)
                         records.append(rec)
                         return
+                    rec.reply = reply
                     cached_total[0] += cached
                     records.append(rec)
                     if progress:
                         progress(len(records), total)
+                    if rec.error:
+                        return
                     messages.append({"role": "assistant", "content": reply})
                     if t + 1 < len(conv):
                         await asyncio.sleep(think[uid][t])

@@ -32,6 +32,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str = ""
+    reply: str = ""  # the streamed text (greedy runs: tier off and on must agree)
 
 
 def scrape_metrics(base_url: str) -> dict[str, float]:
@@ -68,11 +69,18 @@ async def _chat(session, base_url: str, model: str, messages: list, max_tokens: 
             if data == "[DONE]":
                 break
             chunk = json.loads(data)
+            if chunk.get("error"):
+                # LMDeploy reports an engine failure mid-stream as an HTTP 200 `data: {"error": ...}`
+                # chunk, then [DONE] (chat_completions/serving.py): a failed request, not a short reply.
+                rec.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
+                return ""
             usage = chunk.get("usage")
             if usage:
                 rec.prompt_tokens = usage.get("prompt_tokens", 0)
                 rec.output_tokens = usage.get("completion_tokens", 0)
             for choice in chunk.get("choices", []):
+                if choice.get("finish_reason") in ("abort", "error"):  # the engine dropped the request
+                    rec.error = f"finish_reason {choice['finish_reason']}"
                 text = (choice.get("delta") or {}).get("content")
                 if text:
                     now = time.perf_counter()
@@ -112,6 +120,7 @@ async def run_users(base_url: str, model: str, conversations: list[list[tuple[st
                     messages.append({"role": "user", "content": msg})
                     rec = RequestRecord(uid, t, 0.0)
                     reply = await _chat(session, base_url, model, messages, reply_len, rec)
+                    rec.reply = reply
                     records.append(rec)
                     if progress:
                         progress(len(records), total)
@@ -135,19 +144,43 @@ class ApiServer:
         self.log_path = log_path
         self.proc: Optional[subprocess.Popen] = None
 
+    # LMDeploy 0.18.0's api_server can lose its engine process while starting:
+    # ZMQMPEngine._start_mp_proc leaves `with mp.Manager()` as soon as the engine
+    # process has published its port, and that process's release of the Manager's
+    # condition then finds the Manager gone (EOFError at `with condition:`, then
+    # "PyTorch ZMQ engine process is not alive"). Seen on a loaded 2-core machine
+    # (about 1 start in 10 with both cores busy); that failure, and only it, is retried once.
+    STARTUP_RACE = ("with condition:", "EOFError")
+
     def __enter__(self) -> "ApiServer":
         self._log = open(self.log_path, "w")
-        self._log.write(" ".join(self.cmd) + "\n")
-        self._log.flush()
+        try:
+            for attempt in range(2):
+                self._log.write(" ".join(self.cmd) + "\n")
+                self._log.flush()
+                if self._start():
+                    return self
+                with open(self.log_path, errors="replace") as f:
+                    log = f.read()
+                raced = all(s in log for s in self.STARTUP_RACE)
+                if attempt or not raced:
+                    raise RuntimeError(f"api_server exited with {self.proc.returncode}; see {self.log_path}")
+                self._log.write("# benchmark: the engine process was lost in LMDeploy's start-up race; retrying\n")
+        except BaseException:
+            self.__exit__()  # a server still starting (timeout, Ctrl-C) is stopped, not left behind
+            raise
+
+    def _start(self) -> bool:
+        """True once it answers; False if it exits first."""
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"api_server exited with {self.proc.returncode}; see {self.log_path}")
+                return False
             try:
                 with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as r:
                     self.model_name = json.loads(r.read())["data"][0]["id"]
-                    return self
+                    return True
             except OSError:
                 time.sleep(1)
         raise TimeoutError(f"api_server not ready after 300 s; see {self.log_path}")
