@@ -41,7 +41,7 @@ def build_scheduler(num_gpu_blocks: int, block_size: int, max_batches: int, host
                     write_policy: str = "write_through", kv_block_bytes: int = 0, logical_clock: bool = True):
     """LMDeploy's real Scheduler on CPU, with the host tier when host_slots > 0
     (the cache-config fields the executor hook sets after sizing the pool,
-    engine_setup.size_host_pool)."""
+    pool_sizing.size_host_pool)."""
     from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
     from lmdeploy.pytorch.messages import SequenceMeta
     from lmdeploy.pytorch.paging import Scheduler
@@ -145,7 +145,9 @@ class ReplayEngine:
                  kv_block_bytes: int, cost: CostModel, write_policy: str = "write_through"):
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, write_policy,
                                          kv_block_bytes)
-        self.tier = self.scheduler.__dict__.get("_hc_tier")
+        from lmdeploy_patch.scheduler_tier import tier_of
+
+        self.tier = tier_of(self.scheduler)
         if host_slots > 0 and self.tier is None:
             raise RuntimeError("the host tier did not attach: is lmdeploy-hostcache installed with its .pth?")
         self.bs = block_size
@@ -276,7 +278,7 @@ class ReplayEngine:
     def _pending_host_tokens(self, seq) -> int:
         if self.tier is None or not self.tier.has_pending_restore(seq):
             return 0
-        return len(self.tier._restores[id(seq)].slots) * self.bs
+        return len(self.tier._restores[seq.seq_id].slots) * self.bs
 
     def _take_plan(self, batch: list, res: ReplayResult) -> tuple[int, int]:
         """Takes the forward's copy plan as the inputs maker does, counts its

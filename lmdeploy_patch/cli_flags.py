@@ -3,7 +3,8 @@
 
 Where the flags go: LMDeploy builds its parsers at run time from
 `cli.utils.ArgumentHelper` staticmethods, and every parser that configures a
-KV cache calls `ArgumentHelper.enable_prefix_caching` (`lmdeploy chat` and
+KV cache calls `ArgumentHelper.enable_prefix_caching` (hooked in
+hooks/cli_utils.py) (`lmdeploy chat` and
 `lmdeploy serve api_server` in 0.18.0). Wrapping that one helper puts our flags
 next to `--enable-prefix-caching` in each of them, and in any parser a later
 LMDeploy or a user script builds the same way.
@@ -16,8 +17,8 @@ LMDeploy's own namespace.
 - `lmdeploy chat` copies every namespace value onto the engine config with
   `setattr` when the config class has that attribute, which it now has.
 - `lmdeploy serve api_server` builds the config with a fixed list of keywords;
-  `SubCliServe.api_server` is wrapped to hand the values to the next engine
-  config built (`config_fields.defaults_for_next_config`). That config is the
+  `SubCliServe.api_server` is wrapped (hooks/cli_serve.py) to hand the values
+  to the next engine config built (`settings.defaults_for_next_config`). That config is the
   one the function builds before it calls `serve()` or, with dp > 1,
   `launch_server()`; taking the values at construction validates them and
   covers both paths (and the dp children, which get the config pickled)
@@ -26,7 +27,7 @@ LMDeploy's own namespace.
 `--backend turbomind` given explicitly with any host-cache flag is a parse
 error (exit 2): TurboMind cannot host the tier. `--backend` defaults to
 `turbomind`, so "explicitly" is found out while parsing (see
-`_install_backend_check`); without `--backend`, the host-cache flags make the
+`install_backend_check`); without `--backend`, the host-cache flags make the
 PyTorch engine serve (turbomind_fallback.py).
 """
 from __future__ import annotations
@@ -35,20 +36,9 @@ import functools
 import sys
 from typing import Any, Callable
 
-from .compat import STATE, apply, require_attr
-from .config_fields import (
-    DEFAULT_HOST_CACHE_RATIO,
-    DEFAULT_WRITE_POLICY,
-    HOST_CACHE_FIELDS,
-    RAM_RESERVE_BYTES,
-    WRITE_POLICIES,
-    GIB,
-    check_ratio,
-    check_size,
-    defaults_for_next_config,
-    wrap_staticmethod,
-)
-from .import_hooks import when_imported
+from .compat import STATE
+from .settings import (DEFAULT_HOST_CACHE_RATIO, DEFAULT_WRITE_POLICY, GIB, HOST_CACHE_FIELDS, WRITE_POLICIES,
+                       check_ratio, check_size, ram_reserve_bytes)
 
 TURBOMIND_FLAG_ERROR = (
     "--backend turbomind cannot serve the host KV-cache tier (--host-cache*): TurboMind's compiled engine "
@@ -64,7 +54,7 @@ HELP = {
                            "finite number >= 0, 0 = off. Default: 0 (off); --host-cache alone means "
                            f"{DEFAULT_HOST_CACHE_RATIO}."),
     "--host-cache-size": ("Host KV-cache pool per rank in GiB, overriding --host-cache-ratio; a finite number "
-                          f"> 0 that fits in the available RAM minus a {RAM_RESERVE_BYTES / GIB:g} GiB reserve. "
+                          "> 0 that fits in the available RAM minus a {reserve:g} GiB reserve. "
                           "Default: unset (use the ratio)."),
     "--host-cache-write-policy": ("When full KV blocks are copied to host memory: write_through (each full "
                                   "block once computed), write_through_selective (blocks hit repeatedly), "
@@ -137,7 +127,8 @@ def add_host_cache_arguments(container: Any) -> None:
     container.add_argument("--host-cache-ratio", dest="host_cache_ratio", metavar="R", default=hidden,
                            type=_number_type(check_ratio, "--host-cache-ratio"), help=HELP["--host-cache-ratio"])
     container.add_argument("--host-cache-size", dest="host_cache_size", metavar="GIB", default=hidden,
-                           type=_number_type(check_size, "--host-cache-size"), help=HELP["--host-cache-size"])
+                           type=_number_type(check_size, "--host-cache-size"),
+                           help=HELP["--host-cache-size"].format(reserve=ram_reserve_bytes() / GIB))
     container.add_argument("--host-cache-write-policy", dest="host_cache_write_policy", choices=WRITE_POLICIES,
                            default=hidden, help=HELP["--host-cache-write-policy"])
 
@@ -151,7 +142,7 @@ def given_host_cache_values(args: Any) -> dict[str, Any]:
 # Explicit `--backend turbomind` with a host-cache flag: parse error
 # --------------------------------------------------------------------------
 
-def _owning_parser(container: Any) -> Any:
+def owning_parser(container: Any) -> Any:
     """The parser a container belongs to: itself, or for an argument group the
     parser in LMDeploy's CLI tree sharing its action list (groups keep no
     reference to their parser)."""
@@ -179,7 +170,7 @@ def _find_parser(parser: Any, actions: list) -> Any:
     return None
 
 
-def _install_backend_check(parser: Any) -> None:
+def install_backend_check(parser: Any) -> None:
     """Wraps this parser's `parse_known_args` (an instance attribute; the
     subcommand dispatch calls it) so that an explicit `--backend turbomind`
     with a host-cache flag ends in `parser.error`. While it parses, `--backend`'s
@@ -203,57 +194,3 @@ def _install_backend_check(parser: Any) -> None:
         return parsed, extras
 
     STATE.patcher.setattr(parser, "parse_known_args", parse_known_args)
-
-
-def _wrap_enable_prefix_caching(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    @functools.wraps(original)
-    def enable_prefix_caching(parser: Any) -> Any:
-        action = original(parser)  # LMDeploy appends this action to its TurboMind group: return it as is
-        add_host_cache_arguments(parser)
-        owner = _owning_parser(parser)
-        if owner is not None:
-            _install_backend_check(owner)
-        return action
-
-    return enable_prefix_caching
-
-
-def _wrap_api_server(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    @functools.wraps(original)  # keeps __doc__: LMDeploy uses it as the subcommand's help
-    def api_server(args: Any) -> Any:
-        values = given_host_cache_values(args)
-        if not values:
-            return original(args)
-        with defaults_for_next_config(values):
-            return original(args)
-
-    return api_server
-
-
-# --------------------------------------------------------------------------
-# Hooks
-# --------------------------------------------------------------------------
-
-# lmdeploy.cli.utils: ArgumentHelper.enable_prefix_caching is the one helper
-# every KV-cache-configuring parser calls (see the module docstring).
-@when_imported("lmdeploy.cli.utils")
-def _on_cli_utils(module: Any) -> None:
-    def patch() -> None:
-        helper = require_attr(module, "ArgumentHelper", "lmdeploy.cli.utils")
-        wrap_staticmethod(helper, "enable_prefix_caching", "lmdeploy.cli.utils.ArgumentHelper", ["parser"],
-                          _wrap_enable_prefix_caching)
-
-    apply("cli_flags.arguments", patch)
-
-
-# lmdeploy.cli.serve: SubCliServe.api_server builds the engine config with
-# explicit keywords, so the parsed values must be handed over (module
-# docstring). `set_defaults(run=SubCliServe.api_server)` runs when the parser is
-# built, after this patch, so the CLI calls the wrapper.
-@when_imported("lmdeploy.cli.serve")
-def _on_cli_serve(module: Any) -> None:
-    def patch() -> None:
-        serve_cli = require_attr(module, "SubCliServe", "lmdeploy.cli.serve")
-        wrap_staticmethod(serve_cli, "api_server", "lmdeploy.cli.serve.SubCliServe", ["args"], _wrap_api_server)
-
-    apply("cli_flags.api_server", patch)

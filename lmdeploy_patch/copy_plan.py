@@ -1,36 +1,58 @@
-"""The worker side of the host tier: the plan riding on each forward, the
-rank's SlotStore over LMDeploy's KV pools, and when each copy runs.
+"""The message from the scheduler side to every rank: which copies between
+host slots and physical GPU blocks travel with one forward.
 
-Stream order on a GPU (two copy streams per rank, inside the SlotStore):
+The scheduler side (scheduler_tier.py) builds one HostCopyPlan per forward;
+it rides to the model agent inside the forward's cache inputs
+(HostCacheInputs), and each rank (rank_tier.py) executes it on its own
+store. The two sides share nothing else.
 
-  forward stream:  ... forward N-1 ........... | wait(copies) | model N | ...
-  restore stream:  restores for N (overlap N-1) |
-  save stream:     after(N-1): post saves of N-1, pre saves | after(model N): post saves
-
-- pre saves start after everything queued on the forward stream so far
-  (forward N-1 may still write a block being evicted); restores too when one
-  of their blocks belonged to the batches in flight, else they start at once
-  and overlap forward N-1 (HostCopyPlan.restore_after_forward);
-- a copy that shares a slot or block with an earlier copy on the other
-  stream waits for it (the SlotStore orders them by events);
-- model N waits for its restores, so it never reads a block before its
-  restore lands, and for the saves, so it never overwrites a block an earlier
-  save still reads (it skips the wait for earlier saves when no block was
-  evicted since the last plan and it has no pre saves: HostCopyPlan.wait_saves);
-- post saves start after model N wrote the blocks they copy.
+  pre     : write-back saves of blocks the GPU trie evicted in this pass,
+            then restores of host hits into the blocks just allocated for
+            them; the forward waits for both before the model runs;
+  post    : write-through saves of the blocks this forward computes, queued
+            after the model.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Optional
 
+import numpy as np
 from lmdeploy.pytorch.engine.cache_inputs import CacheCheckpointInputs
 
-from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
 
-from .engine_setup import SLOT_ALIGN
-from .host_tier import HostCopyPlan
+@dataclass
+class HostCopyPlan:
+    """Copies between host slots and physical GPU blocks for one forward."""
+
+    pre_slots: np.ndarray
+    pre_blocks: np.ndarray
+    restore_slots: np.ndarray
+    restore_blocks: np.ndarray
+    post_slots: np.ndarray
+    post_blocks: np.ndarray
+    # Whether the model must wait for saves queued by earlier forwards. A
+    # saved block is trie-owned, and only an eviction frees a trie-owned
+    # block for reuse: without one since the last plan, no block an earlier
+    # save still reads can be rewritten by this forward. (This plan's own
+    # pre saves and restores are always waited for.)
+    wait_saves: bool = True
+    # Whether restores must start after the forwards already queued. A
+    # restore writes blocks just allocated; one of them can still be in use
+    # by the forward in flight only if it belonged to that forward's batch
+    # (a sequence that ended or was preempted while its last step runs).
+    # Otherwise the restore runs on the restore stream while that forward computes.
+    restore_after_forward: bool = True
+
+    @staticmethod
+    def build(pre: list[tuple[int, int]], restore: list[tuple[int, int]], post: list[tuple[int, int]],
+              wait_saves: bool = True, restore_after_forward: bool = True) -> "HostCopyPlan":
+        def cols(pairs):
+            a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+            return a[:, 0].astype(np.uint32), a[:, 1].astype(np.int32)
+
+        return HostCopyPlan(*cols(pre), *cols(restore), *cols(post), wait_saves=wait_saves,
+                            restore_after_forward=restore_after_forward)
 
 
 @dataclass(frozen=True)
@@ -50,144 +72,3 @@ class HostCacheInputs(CacheCheckpointInputs):
     def to_device(self, device: str, non_blocking: bool = False):
         moved = CacheCheckpointInputs.to_device(self, device, non_blocking=non_blocking)
         return HostCacheInputs.wrap(moved, self.host_plan)
-
-    def has_lmdeploy_plans(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(CacheCheckpointInputs))
-
-
-def pool_regions(allocation: Any, blocks_per_logical: int) -> tuple[list[Region], int]:
-    """One region per layer of every pool of a CacheAllocation.
-
-    LMDeploy's pools are [layers, kernel blocks, bytes] with the block axis 1;
-    a scheduler block is `blocks_per_logical` consecutive kernel blocks, so it
-    is contiguous inside a layer and strided across layers."""
-    regions: list[Region] = []
-    num_blocks = None
-    for pool in allocation.pools:
-        t = pool.tensor
-        if pool.entry_axis != 1 or t.dim() != 3:
-            raise ValueError(f"unexpected KV pool layout: shape {tuple(t.shape)}, entry axis {pool.entry_axis}")
-        size = t.element_size()
-        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
-            raise ValueError(f"KV pool rows are not contiguous: strides {tuple(t.stride())}")
-        n = t.shape[1] // blocks_per_logical
-        if num_blocks is not None and n != num_blocks:
-            raise ValueError(f"KV pools disagree on the number of blocks: {num_blocks} and {n}")
-        num_blocks = n
-        block_bytes = blocks_per_logical * t.stride(1) * size
-        for layer in range(t.shape[0]):
-            regions.append(Region(t[layer].data_ptr(), block_bytes, block_bytes))
-    if not regions:
-        raise ValueError("the cache allocation has no pools")
-    return regions, num_blocks
-
-
-class WorkerTier:
-    """Executes copy plans on one rank's SlotStore, in forward order."""
-
-    def __init__(self, store: SlotStore, cuda: bool):
-        self.store = store
-        self.cuda = cuda
-        # Copies not yet waited on by a forward, by direction. The CUDA store
-        # runs each direction in order on its stream, so waiting on the newest
-        # covers the rest; the CPU store orders only copies that share a slot
-        # or a block, so a forward there waits on each.
-        self._unwaited: dict[str, list] = {"offload": [], "restore": []}
-        self.blocks_restored = 0
-        self.blocks_saved = 0
-        self._waited = 0.0       # seconds forwards spent waiting for copies (resolved)
-        self._wait_events: list = []  # CUDA (start, end) events not yet resolved
-
-    def _submit(self, transfer) -> None:
-        # A lost restore would feed this forward stale bytes and a lost save
-        # would leave a matchable slot without them: the forward must fail.
-        error = transfer.queue_error()
-        if error:
-            raise RuntimeError(f"lmdeploy-hostcache: a host-cache {transfer.direction} could not be queued: {error}")
-        pending = self._unwaited[transfer.direction]
-        if self.cuda:
-            pending[:] = [transfer]
-        else:
-            pending[:] = [t for t in pending if not t.done()] + [transfer]
-
-    def before_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
-        # Without a plan (warmup, a forward LMDeploy built itself) nothing is
-        # known about block reuse: wait for everything, as before the tier.
-        wait_saves = plan is None or plan.wait_saves
-        if plan is not None:
-            if len(plan.pre_slots):
-                self._submit(self.store.offload(plan.pre_slots, plan.pre_blocks, after_stream=stream))
-                self.blocks_saved += len(plan.pre_slots)
-                wait_saves = True
-            if len(plan.restore_slots):
-                # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
-                after = stream if plan.restore_after_forward or stream is None else 0
-                self._submit(self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=after))
-                self.blocks_restored += len(plan.restore_slots)
-        # Restores are always waited for: the model reads what they write.
-        waits = self._unwaited["restore"] + (self._unwaited["offload"] if wait_saves else [])
-        if not waits:
-            return
-        if self.cuda:
-            import torch
-
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            for t in waits:
-                t.wait_on_stream(stream)
-            end.record(stream)
-            self._wait_events.append((start, end))
-            if len(self._wait_events) > 64:  # resolve finished ones even if nobody reads the figure
-                self.wait_seconds()
-        else:
-            t0 = time.perf_counter()
-            for t in waits:
-                t.wait()
-            self._waited += time.perf_counter() - t0
-        self._unwaited["restore"] = []
-        if wait_saves:
-            self._unwaited["offload"] = []
-
-    def wait_seconds(self) -> float:
-        """Time forwards spent waiting for host copies: what the tier cost them."""
-        pending = []
-        for start, end in self._wait_events:
-            if end.query():
-                self._waited += start.elapsed_time(end) / 1e3
-            else:
-                pending.append((start, end))
-        self._wait_events = pending
-        return self._waited
-
-    def after_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
-        if plan is not None and len(plan.post_slots):
-            self._submit(self.store.offload(plan.post_slots, plan.post_blocks, after_stream=stream))
-            self.blocks_saved += len(plan.post_slots)
-
-    def close(self) -> None:
-        """Waits for every copy this rank started (the pools are about to go)."""
-        for pending in self._unwaited.values():
-            for t in pending:
-                t.wait()
-            pending.clear()
-
-
-def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",
-                      device: Optional[str] = None, pin: str = "lazy") -> WorkerTier:
-    """A rank's store: host_cache_slots slots of this rank's block size."""
-    regions, num_blocks = pool_regions(allocation, blocks_per_logical)
-    slot_bytes = sum(r.bytes for r in regions)
-    stride = (slot_bytes + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
-    if device is None:
-        device = str(allocation.pools[0].tensor.device)
-        if device == "cuda":
-            device = "cuda:0"
-    config = HostCacheConfig(capacity_bytes=cache_config.host_cache_slots * stride, device=device,
-                             copy_path=copy_path, pin=pin, reserve_bytes=0,  # the executor checked RAM for all ranks
-                             capacity_setting="host_cache_ratio / host_cache_size")
-    store = SlotStore(config, regions, num_blocks)
-    if store.num_slots != cache_config.host_cache_slots:
-        raise RuntimeError(f"host pool has {store.num_slots} slots, the scheduler expects "
-                           f"{cache_config.host_cache_slots}")
-    store._allocation = allocation  # the pools must outlive the store
-    return WorkerTier(store, cuda=device.startswith("cuda"))

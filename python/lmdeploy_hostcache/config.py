@@ -8,6 +8,9 @@ from typing import Optional
 
 GiB = 1 << 30
 MiB = 1 << 20
+# RAM a host pool leaves to the rest of the machine unless told otherwise
+# (LMDeploy's integration sizes pools against the same figure).
+DEFAULT_RESERVE_BYTES = 2 * GiB
 
 PIN_MODES = ("lazy", "eager", "off")
 COPY_PATHS = ("kernel", "memcpy")
@@ -46,7 +49,7 @@ class HostCacheConfig:
     copy_path: str = "kernel"
     cpu_workers: int = 2
     checksum: bool = False
-    reserve_bytes: int = 2 * GiB
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES
     pin_chunk_bytes: int = 256 * MiB
     capacity_setting: str = "capacity_bytes"
 

@@ -7,6 +7,7 @@
 
 #include "block_key.h"
 #include "errors.h"
+#include "host_arena.h"
 #include "host_cache.h"
 #include "memory_info.h"
 #include "prefix_index.h"
@@ -91,6 +92,8 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "lmdeploy-hostcache core: host block pool, prefix index and copy engine";
   m.def("device_info", &device_info_dict, "Whether this build has CUDA and whether a GPU is usable.");
   m.attr("ROOT_KEY") = kRootKey;
+  m.def("slot_stride", &slot_stride_for, py::arg("block_bytes"),
+        "Bytes one host slot of a block of `block_bytes` takes (the arena's alignment).");
   m.def("available_ram_bytes", &available_ram_bytes, "MemAvailable: what the pool is checked against.");
   m.def("total_ram_bytes", &total_ram_bytes);
   m.def(

@@ -12,17 +12,15 @@
 namespace hostcache {
 
 namespace {
-// 256-byte slot alignment keeps every slot start 16-byte aligned for vector
-// copies and matches the alignment of LMDeploy's packed block rows.
-constexpr uint64_t kSlotAlign = 256;
-
 uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 }  // namespace
+
+uint64_t slot_stride_for(uint64_t slot_bytes) { return round_up(slot_bytes, kSlotAlign); }
 
 HostArena::HostArena(const ArenaOptions& o, std::unique_ptr<Pinner> pinner)
     : pinner_(std::move(pinner)), pin_mode_(o.pin_mode), slot_bytes_(o.slot_bytes) {
   HC_REQUIRE(o.slot_bytes > 0, "slot size must be positive");
-  slot_stride_ = round_up(o.slot_bytes, kSlotAlign);
+  slot_stride_ = slot_stride_for(o.slot_bytes);
   const uint64_t slots = o.capacity_bytes / slot_stride_;
   HC_REQUIRE(slots >= 1, "host pool of ", format_bytes(o.capacity_bytes), " (", o.capacity_bytes,
              " bytes) holds no block of ", format_bytes(slot_stride_), "; raise ", o.capacity_setting);

@@ -16,6 +16,12 @@ namespace hostcache {
 
 enum class PinMode { kOff, kLazy, kEager };
 
+// 256-byte slot alignment keeps every slot start 16-byte aligned for vector
+// copies and matches the alignment of LMDeploy's packed block rows.
+inline constexpr uint64_t kSlotAlign = 256;
+// Bytes one slot of `slot_bytes` payload takes in the arena.
+uint64_t slot_stride_for(uint64_t slot_bytes);
+
 // Makes a host range DMA-able by the device. pin throws SystemError.
 class Pinner {
  public:

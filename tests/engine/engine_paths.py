@@ -132,7 +132,7 @@ class Runner:
 
     def balance(self, timeout: float = 60.0) -> list[str]:
         """Waits until the scheduler has nothing left, then checks balance on the engine's loop."""
-        from lmdeploy_patch.trie_hooks import tier_of
+        from lmdeploy_patch.scheduler_tier import tier_of
 
         scheduler = self.engine.engine.scheduler
 
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
 
     two = Runner(args.model, tier=True, gpu_blocks=args.small_blocks, eager=eager)
     turns = two.chat(second_users, 16)
-    from lmdeploy_patch.engine_hooks import local_workers
+    from lmdeploy_patch.rank_tier import local_workers
 
     result["phases"]["second"] = {"turns": turns, "problems": two.balance(), "host": two.host_metrics(),
                                   "rank_stores_alive": len(local_workers())}

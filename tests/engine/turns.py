@@ -91,9 +91,9 @@ def corrupt_restores() -> None:
     """Test-only fault: zero every block right after its host restore landed
     (and before the model reads it). The tokens must then differ from the
     reference's, which is what shows the equality tests can fail."""
-    from lmdeploy_patch import copy_plan
+    from lmdeploy_patch import rank_tier
 
-    before_model = copy_plan.WorkerTier.before_model
+    before_model = rank_tier.WorkerTier.before_model
 
     def corrupted(self, plan, stream):
         before_model(self, plan, stream)
@@ -105,7 +105,7 @@ def corrupt_restores() -> None:
             for b in plan.restore_blocks.tolist():
                 t[:, b * per:(b + 1) * per].zero_()
 
-    copy_plan.WorkerTier.before_model = corrupted
+    rank_tier.WorkerTier.before_model = corrupted
 
 
 def engine_config(args: argparse.Namespace):

@@ -22,9 +22,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 from lmdeploy.pytorch.messages import UpdateTokenMode
-from lmdeploy_patch import engine_hooks
+from lmdeploy_patch import rank_tier
 from replay import build_scheduler
-from lmdeploy_patch.copy_plan import build_worker_tier
+from lmdeploy_patch.rank_tier import build_worker_tier
+from lmdeploy_patch.scheduler_tier import tier_of
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 
@@ -63,7 +64,7 @@ class SimEngine:
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, policy,
                                          self.block_bytes, logical_clock=deterministic)
         cc = self.scheduler.cache_config
-        self.tier = self.scheduler.__dict__.get("_hc_tier")
+        self.tier = tier_of(self.scheduler)
         self.bs, self.layers, self.row_bytes = block_size, layers, row_bytes
         # LMDeploy's packed pool per rank (a tensor-parallel shard each):
         # [layers, blocks, bytes of one layer's block]
@@ -75,7 +76,7 @@ class SimEngine:
             for pool in self.pools:  # each rank's side, built the way the agent hook builds it
                 allocation = SimpleNamespace(pools=[SimpleNamespace(tensor=pool, entry_axis=1)])
                 self.workers.append(build_worker_tier(cc, allocation, blocks_per_logical=1))
-                engine_hooks._WORKERS[id(pool)] = self.workers[-1]  # as the agent hook registers a rank
+                rank_tier.register(pool, self.workers[-1])  # as the agent hook registers a rank
         self.worker = self.workers[0] if self.workers else None
         self.stats = SimStats()
         self.sessions: dict[int, object] = {}
@@ -187,7 +188,7 @@ class SimEngine:
             self.scheduler.end_session(sid)
         self.sessions.clear()
         for pool in self.pools:
-            engine_hooks._WORKERS.pop(id(pool), None)
+            rank_tier.unregister(pool)
 
     def hit_rate(self) -> float:
         return self.scheduler.schedule_metrics.prefix_cache_hit_rate

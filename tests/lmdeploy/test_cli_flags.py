@@ -10,7 +10,7 @@ from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig  # noqa: E402
 from lmdeploy.messages import QuantPolicy  # noqa: E402
 
 from lmdeploy_patch.cli_flags import TURBOMIND_FLAG_ERROR  # noqa: E402
-from lmdeploy_patch.config_fields import DEFAULT_HOST_CACHE_RATIO, HOST_CACHE_FIELDS  # noqa: E402
+from lmdeploy_patch.settings import DEFAULT_HOST_CACHE_RATIO, HOST_CACHE_FIELDS  # noqa: E402
 
 FLAGS = ["--host-cache", "--host-cache-ratio", "--host-cache-size", "--host-cache-write-policy"]
 

@@ -14,8 +14,8 @@ from lmdeploy.messages import QuantPolicy  # noqa: E402
 from lmdeploy.pytorch.config import CacheConfig  # noqa: E402
 from lmdeploy.pytorch.engine.config_builder import ConfigBuilder  # noqa: E402
 
-from lmdeploy_patch import config_fields  # noqa: E402
-from lmdeploy_patch.config_fields import (  # noqa: E402
+from lmdeploy_patch.compat import STATE  # noqa: E402
+from lmdeploy_patch.settings import (  # noqa: E402
     HOST_CACHE_FIELDS,
     defaults_for_next_config,
     host_cache_requested,
@@ -201,6 +201,6 @@ def test_host_cache_requested_on_any_object():
 
 
 def test_patches_recorded():
-    applied = set(config_fields.STATE.applied)
-    assert {"config_fields.engine_configs", "config_fields.cache_config",
-            "config_fields.build_cache_config"} <= applied
+    applied = set(STATE.applied)
+    assert {"lmdeploy.messages:engine config fields", "lmdeploy.pytorch.config:CacheConfig fields",
+            "lmdeploy.pytorch.engine.config_builder:ConfigBuilder.build_cache_config"} <= applied

@@ -203,8 +203,7 @@ def test_sleep_forgets_the_host_entries():
     from types import SimpleNamespace
 
     from lmdeploy.pytorch.engine.engine import Engine
-    from lmdeploy_patch import engine_hooks
-    from lmdeploy_patch.copy_plan import build_worker_tier
+    from lmdeploy_patch import rank_tier
 
     eng = SimEngine(num_gpu_blocks=24, host_slots=256)
     prompt = _evicted_prefix(eng)
@@ -220,11 +219,11 @@ def test_sleep_forgets_the_host_entries():
     asyncio.run(Engine.sleep(fake, 1))  # LMDeploy's Engine.sleep with our wrapper
     assert slept == [1] and eng.tier.index.used == 0
     # the rank side after wakeup: a new store over the (re-allocated) pools
-    assert engine_hooks.drop_worker(id(eng.pool))
+    assert rank_tier.unregister(eng.pool)
     eng.pool.zero_()
-    eng.worker = build_worker_tier(eng.scheduler.cache_config, SimpleNamespace(
+    eng.worker = rank_tier.build_worker_tier(eng.scheduler.cache_config, SimpleNamespace(
         pools=[SimpleNamespace(tensor=eng.pool, entry_axis=1)]), blocks_per_logical=1)
-    engine_hooks._WORKERS[id(eng.pool)] = eng.worker
+    rank_tier.register(eng.pool, eng.worker)
     # LMDeploy keeps its trie across sleep; start clean so the check below
     # is about the host tier alone
     for sid in list(eng.sessions):

@@ -9,7 +9,7 @@ import sys  # noqa: E402
 
 from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig  # noqa: E402
 
-from lmdeploy_patch.config_fields import HOST_CACHE_FIELDS  # noqa: E402
+from lmdeploy_patch.settings import HOST_CACHE_FIELDS  # noqa: E402
 from lmdeploy_patch.turbomind_fallback import turbomind_to_pytorch  # noqa: E402
 
 archs = sys.modules["lmdeploy.archs"]

@@ -17,12 +17,16 @@ from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan  # 
 from lmdeploy.pytorch.engine.cache_inputs import CacheCheckpointInputs  # noqa: E402
 from lmdeploy.pytorch.engine.model_agent import agent  # noqa: E402
 
-from lmdeploy_patch import engine_hooks  # noqa: E402
-from lmdeploy_patch.copy_plan import HostCacheInputs, build_worker_tier, pool_regions  # noqa: E402
-from lmdeploy_patch.engine_setup import host_pool_slots  # noqa: E402
-from lmdeploy_patch.host_tier import HostCopyPlan  # noqa: E402
+from lmdeploy_patch import rank_tier  # noqa: E402
+from lmdeploy_patch.copy_plan import HostCacheInputs, HostCopyPlan  # noqa: E402
+from lmdeploy_patch.pool_sizing import host_pool_slots  # noqa: E402
+from lmdeploy_patch.rank_tier import WorkerTier, build_worker_tier, pool_regions  # noqa: E402
 
 GiB = 1 << 30
+
+
+class _CacheEngine:
+    """Stands in for LMDeploy's CacheEngine as the key of a rank's store."""
 
 
 def llama_plan(quant_policy: int, layers: int = 4, num_blocks: int = 12):
@@ -59,8 +63,8 @@ def test_agent_hooks_run_the_plan_around_the_model(quant_policy):
     plan, allocation, cc = llama_plan(quant_policy)
     cc.host_cache_slots = 8
     worker = build_worker_tier(cc, allocation, plan.kernel_blocks_per_logical_block)
-    engine = SimpleNamespace()
-    engine_hooks._WORKERS[id(engine)] = worker
+    engine = _CacheEngine()
+    rank_tier.register(engine, worker)
     inputs = SimpleNamespace(is_dummy=False)
     k = plan.kernel_blocks_per_logical_block
     try:
@@ -83,7 +87,7 @@ def test_agent_hooks_run_the_plan_around_the_model(quant_policy):
                                         engine, None)
         assert worker.blocks_restored == 3
     finally:
-        engine_hooks._WORKERS.pop(id(engine), None)
+        rank_tier.unregister(engine)
 
 
 def test_plan_survives_to_device_and_pickle():
@@ -92,7 +96,7 @@ def test_plan_survives_to_device_and_pickle():
     ci = HostCacheInputs.wrap(CacheCheckpointInputs(kv_save_plan=kv), plan)
     moved = ci.to_device("cpu")
     assert isinstance(moved, HostCacheInputs) and moved.host_plan is plan
-    assert torch.equal(moved.kv_save_plan, kv) and moved.has_lmdeploy_plans()
+    assert torch.equal(moved.kv_save_plan, kv) and moved.host_plan is plan
     back = pickle.loads(pickle.dumps(moved))  # the MP executor pickles payloads
     assert list(back.host_plan.restore_slots) == [3] and list(back.host_plan.post_blocks) == [6]
     moved.record_stream(None)  # CPU plans: nothing to record
@@ -161,8 +165,6 @@ def _plan(pre=(), restore=(), post=(), wait_saves=True):
 def test_cpu_forward_waits_for_every_unordered_copy():
     """The CPU store orders only copies sharing a slot or block: a forward
     waits for each earlier copy, not only the newest."""
-    from lmdeploy_patch.copy_plan import WorkerTier
-
     store = _FakeStore()
     w = WorkerTier(store, cuda=False)
     w.before_model(_plan(), None)
@@ -172,8 +174,6 @@ def test_cpu_forward_waits_for_every_unordered_copy():
 
 
 def test_forward_skips_waiting_for_saves_when_no_block_was_freed():
-    from lmdeploy_patch.copy_plan import WorkerTier
-
     store = _FakeStore()
     w = WorkerTier(store, cuda=False)
     w.after_model(_plan(post=[(1, 2)]), None)
@@ -216,8 +216,6 @@ def test_cuda_forward_waits_on_the_newest_copy_of_each_stream(monkeypatch):
     on the newest restore, and on the newest save only when it must."""
     import torch
 
-    from lmdeploy_patch.copy_plan import WorkerTier
-
     monkeypatch.setattr(torch.cuda, "Event", _TimingEvent)
     store = _FakeStore()
     w = WorkerTier(store, cuda=True)
@@ -236,7 +234,8 @@ def test_cuda_forward_waits_on_the_newest_copy_of_each_stream(monkeypatch):
 
 def test_tier_stays_off_with_a_connector_memdecode_or_dllm():
     from lmdeploy.messages import KVTransferConfig
-    from lmdeploy_patch.engine_setup import off_reason, size_host_pool
+    from lmdeploy_patch.eligibility import off_reason
+    from lmdeploy_patch.pool_sizing import size_host_pool
 
     cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10,
                      kv_transfer_config=KVTransferConfig(kv_connector="MooncakeStoreConnector", kv_role="kv_both"))
@@ -245,19 +244,19 @@ def test_tier_stays_off_with_a_connector_memdecode_or_dllm():
     assert off_reason(cc) is None
     cc.host_cache_ratio = 1.0
     size_host_pool(cc, [1 << 20], None, memory_model_cache=True)
-    assert "MemDecode" in cc._hc_off and not getattr(cc, "host_cache_slots", 0)
+    assert "MemDecode" in cc.host_cache_off_reason and cc.host_cache_slots == 0
     cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10)
     cc.host_cache_ratio = 1.0
     size_host_pool(cc, [1 << 20], None, model_paradigm="dllm")
-    assert "dllm" in cc._hc_off
+    assert "dllm" in cc.host_cache_off_reason and cc.host_cache_slots == 0
 
 
 def test_drop_worker_closes_the_store():
     plan, allocation, cc = llama_plan(0)
     cc.host_cache_slots = 4
     worker = build_worker_tier(cc, allocation, plan.kernel_blocks_per_logical_block)
-    key = object()
-    engine_hooks._WORKERS[id(key)] = worker
+    key = _CacheEngine()
+    rank_tier.register(key, worker)
     worker.after_model(HostCopyPlan.build([], [], [(0, 1)]), None)
-    assert engine_hooks.drop_worker(id(key)) and id(key) not in engine_hooks._WORKERS
-    assert not engine_hooks.drop_worker(id(key)) and not engine_hooks.drop_worker(None)
+    assert rank_tier.unregister(key) and rank_tier.worker_for(key) is None
+    assert not rank_tier.unregister(key) and not rank_tier.unregister(None)

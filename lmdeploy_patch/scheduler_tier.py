@@ -2,28 +2,27 @@
 
 It owns the prefix index (which host slot holds which block) and decides,
 from the events of one scheduling pass, the copies that travel with the next
-forward as a HostCopyPlan:
+forward as a HostCopyPlan (copy_plan.py). Each rank executes the plan on its
+own SlotStore (rank_tier.py).
 
-  pre  : write-back saves of blocks the GPU trie evicted in this pass, then
-         restores of host hits into the blocks just allocated for them; the
-         forward waits for both before the model runs;
-  post : write-through saves of the blocks this forward computes, queued
-         after the model.
+Each rank's copies run in submission order per slot and per block, which is
+what lets this side treat a saved block as matchable as soon as its save is
+planned, and free a slot for reuse as soon as the restore reading it is
+planned.
 
-Each rank executes the plan on its own SlotStore (worker side, copy_plan.py).
-Its copies run in submission order per slot and per block, which is what lets
-this side treat a saved block as matchable as soon as its save is planned, and
-free a slot for reuse as soon as the restore reading it is planned.
-
-Keys: every trie node gets `_hc_key`, our chained XXH64 over (parent key,
-namespace, token ids), computed when the node attaches (LMDeploy's own block
-hash is salted per process). A node with multimodal identity, or under one,
-gets None and is neither saved nor matched.
+State lives here, not on LMDeploy's objects: `tier_of` maps the scheduler,
+its trie and its sequence lifecycle to their HostTier, and every trie node
+the tier has seen has one NodeRecord (weakly keyed by the node, so a node
+LMDeploy drops takes its record with it). Keys: a record's `key` is our
+chained XXH64 over (parent key, namespace, token ids), computed when the
+node attaches (LMDeploy's own block hash is salted per process). A node with
+multimodal identity, or under one, gets None and is neither saved nor
+matched. Per-sequence state is keyed by `seq.seq_id`.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,13 +30,24 @@ import numpy as np
 
 from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
 
-from .config_fields import WRITE_POLICIES
-
-logger = logging.getLogger("lmdeploy_hostcache")
+from .copy_plan import HostCopyPlan
+from .eligibility import off_reason, tier_slots, turn_off
+from .log import log_once
+from .settings import WRITE_POLICIES, host_cache_requested
 
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
 # write_through_selective saves a block once the GPU trie has served it this many times.
 SELECTIVE_MIN_HITS = 1
+
+_TIERS: "weakref.WeakKeyDictionary[Any, HostTier]" = weakref.WeakKeyDictionary()
+
+
+def tier_of(owner: Any) -> Optional["HostTier"]:
+    """The HostTier of a Scheduler, its BlockTrie or its SequenceLifecycle; None when off."""
+    try:
+        return _TIERS.get(owner)
+    except TypeError:  # None, or an object that cannot be weakly referenced
+        return None
 
 
 def adapter_namespace(adapter_name: Optional[str]) -> int:
@@ -47,41 +57,23 @@ def adapter_namespace(adapter_name: Optional[str]) -> int:
     return int.from_bytes(hashlib.blake2b(adapter_name.encode(), digest_size=8).digest(), "little") or 1
 
 
-@dataclass
-class HostCopyPlan:
-    """Copies between host slots and physical GPU blocks for one forward."""
+class NodeRecord:
+    """What the tier knows of one trie node."""
 
-    pre_slots: np.ndarray
-    pre_blocks: np.ndarray
-    restore_slots: np.ndarray
-    restore_blocks: np.ndarray
-    post_slots: np.ndarray
-    post_blocks: np.ndarray
-    # Whether the model must wait for saves queued by earlier forwards. A
-    # saved block is trie-owned, and only an eviction frees a trie-owned
-    # block for reuse: without one since the last plan, no block an earlier
-    # save still reads can be rewritten by this forward. (This plan's own
-    # pre saves and restores are always waited for.)
-    wait_saves: bool = True
-    # Whether restores must start after the forwards already queued. A
-    # restore writes blocks just allocated; one of them can still be in use
-    # by the forward in flight only if it belonged to that forward's batch
-    # (a sequence that ended or was preempted while its last step runs).
-    # Otherwise the restore runs on the restore stream while that forward computes.
-    restore_after_forward: bool = True
+    __slots__ = ("tier", "key", "parent_key", "ns", "tokens", "saved", "hits")
 
-    @staticmethod
-    def build(pre: list[tuple[int, int]], restore: list[tuple[int, int]], post: list[tuple[int, int]],
-              wait_saves: bool = True, restore_after_forward: bool = True) -> "HostCopyPlan":
-        def cols(pairs):
-            a = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-            return a[:, 0].astype(np.uint32), a[:, 1].astype(np.int32)
+    def __init__(self, tier: "HostTier", key: Optional[int], parent_key: int = 0, ns: int = 0,
+                 tokens: Optional[np.ndarray] = None):
+        self.tier, self.key, self.parent_key, self.ns, self.tokens = tier, key, parent_key, ns, tokens
+        self.saved = False
+        self.hits = 0
 
-        return HostCopyPlan(*cols(pre), *cols(restore), *cols(post), wait_saves=wait_saves,
-                            restore_after_forward=restore_after_forward)
 
-    def is_empty(self) -> bool:
-        return not (len(self.pre_slots) or len(self.restore_slots) or len(self.post_slots))
+_RECORDS: "weakref.WeakKeyDictionary[Any, NodeRecord]" = weakref.WeakKeyDictionary()
+
+
+def record_of(node: Any) -> Optional[NodeRecord]:
+    return _RECORDS.get(node)
 
 
 @dataclass
@@ -117,36 +109,37 @@ class HostTier:
         self.stats = HostTierStats()
         self._pre: list[tuple[int, int]] = []   # (slot, physical block) saved before the next forward
         self._post_nodes: list[Any] = []        # nodes whose block the next forward computes
-        self._restores: dict[int, _PendingRestore] = {}  # id(seq) -> restore waiting for its forward
+        self._restores: dict[int, _PendingRestore] = {}  # seq_id -> restore waiting for its forward
         self._evicted = False  # the GPU trie evicted a block since the last plan (see HostCopyPlan.wait_saves)
         # Physical blocks of the last two planned batches (HostCopyPlan.
         # restore_after_forward): one forward is in flight while LMDeploy
         # schedules the next; the older set is a margin.
         self._in_flight: tuple[np.ndarray, np.ndarray] = (_NO_BLOCKS, _NO_BLOCKS)
-        # id(seq) -> tokens its tentative match looked up in host memory, hit
+        # seq_id -> tokens its tentative match looked up in host memory, hit
         # or miss: a rollback undoes them, as LMDeploy restores its own stats.
         self._queried: dict[int, int] = {}
 
+    def serve(self, *owners: Any) -> None:
+        """`tier_of(owner)` is this tier from now on."""
+        for owner in owners:
+            _TIERS[owner] = self
+
     # ----- keys ---------------------------------------------------------
 
-    @staticmethod
-    def key_of(node: Any) -> Optional[int]:
-        """The node's host key; ROOT_KEY for an adapter root."""
-        if node.parent is None:
-            return ROOT_KEY if node.block_id < 0 else None
-        return node.__dict__.get("_hc_key")
+    def add_root(self, root: Any) -> None:
+        if root not in _RECORDS:
+            _RECORDS[root] = NodeRecord(self, ROOT_KEY)
 
-    def on_attach(self, node: Any, parent: Any) -> None:
-        """A trie node attached (schedule time, before the forward fills it)."""
-        parent_key = self.key_of(parent)
-        if parent_key is None or node.extra_identity:
-            node._hc_key = None
+    def on_attach(self, node: Any, parent_record: NodeRecord) -> None:
+        """A trie node attached under a node this tier knows (schedule time,
+        before the forward fills it)."""
+        if parent_record.key is None or node.extra_identity:
+            _RECORDS[node] = NodeRecord(self, None)
             return
         ns = adapter_namespace(node.adapter_name)
         tokens = as_tokens(node.token_ids)
-        node._hc_parent, node._hc_ns, node._hc_tokens = parent_key, ns, tokens
-        node._hc_key = _core.chain_key(parent_key, ns, tokens)
-        node._hc_saved = False
+        _RECORDS[node] = NodeRecord(self, _core.chain_key(parent_record.key, ns, tokens), parent_record.key, ns,
+                                    tokens)
         if self.write_policy == "write_through":
             self._post_nodes.append(node)
 
@@ -155,10 +148,11 @@ class HostTier:
         if self.write_policy != "write_through_selective":
             return
         for node in nodes:
-            if node.__dict__.get("_hc_key") is None or node.__dict__.get("_hc_saved"):
+            rec = _RECORDS.get(node)
+            if rec is None or rec.key is None or rec.saved:
                 continue
-            node._hc_hits = node.__dict__.get("_hc_hits", 0) + 1
-            if node._hc_hits >= SELECTIVE_MIN_HITS:
+            rec.hits += 1
+            if rec.hits >= SELECTIVE_MIN_HITS:
                 self._post_nodes.append(node)
 
     def on_evict(self, node: Any) -> None:
@@ -167,10 +161,11 @@ class HostTier:
         # Any policy: the block may be reused by the next forward while an
         # earlier save still reads it (HostCopyPlan.wait_saves).
         self._evicted = True
-        if self.write_policy != "write_back" or node.__dict__.get("_hc_key") is None or node._hc_saved:
+        rec = _RECORDS.get(node)
+        if self.write_policy != "write_back" or rec is None or rec.key is None or rec.saved:
             return
         physical = int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])
-        slot = self._store(node)
+        slot = self._store(rec)
         if slot is not None:
             self._pre.append((slot, physical))
 
@@ -178,11 +173,11 @@ class HostTier:
         """The GPU trie freed trie-owned blocks (BlockTrie.evict)."""
         self._evicted = True
 
-    def _store(self, node: Any) -> Optional[int]:
+    def _store(self, rec: NodeRecord) -> Optional[int]:
         """Inserts the node's block into the index; the slot to copy it to,
         or None when it is already stored or cannot be."""
-        status, key, slot = self.index.insert(node._hc_parent, node._hc_ns, node._hc_tokens)
-        node._hc_saved = True
+        status, key, slot = self.index.insert(rec.parent_key, rec.ns, rec.tokens)
+        rec.saved = True
         if status == "created":
             # Copies run in order per slot on every rank: the restore of a
             # later plan reads this save's bytes, so it is matchable now.
@@ -200,11 +195,9 @@ class HostTier:
         memory: pin the hit slots, advance the sequence past them (the normal
         allocation then gives them fresh blocks), count the hit tokens."""
         cursor = seq.prefix_cache.trie_cursor
-        if cursor is None or id(seq) in self._restores:
+        if cursor is None or seq.seq_id in self._restores:
             return
         if seq.prefix_cache.multimodal_spans:
-            from .engine_setup import log_once
-
             log_once("requests with multimodal inputs are served by the GPU prefix cache only (their blocks carry "
                      "content identity the host index does not key on)")
             return
@@ -214,9 +207,9 @@ class HostTier:
         # routed-expert history short and misaligned.
         if seq.return_routed_experts:
             return
-        parent_key = self.key_of(cursor)
+        cursor_record = _RECORDS.get(cursor)
         start = cursor.prefix_len
-        if parent_key is None or seq.num_history_ids != start:
+        if cursor_record is None or cursor_record.key is None or seq.num_history_ids != start:
             return
         bs = self.block_size
         # Same bounds as LMDeploy's own walk: never the block holding the last
@@ -227,13 +220,13 @@ class HostTier:
             return
         tokens = seq.history_cache[start:end]
         self.stats.queried_tokens += end - start
-        self._queried[id(seq)] = end - start
-        steps = self.index.match(parent_key, adapter_namespace(seq.adapter_name), as_tokens(tokens), True)
+        self._queried[seq.seq_id] = end - start
+        steps = self.index.match(cursor_record.key, adapter_namespace(seq.adapter_name), as_tokens(tokens), True)
         if not steps:
             return
         slots = np.array([s for _, s in steps], dtype=np.uint32)
         hit = len(slots) * bs
-        self._restores[id(seq)] = _PendingRestore(slots, start // bs)
+        self._restores[seq.seq_id] = _PendingRestore(slots, start // bs)
         seq.set_step(start + hit)
         if not seq.prefix_cache.suppress_match_stats:
             trie.stats.num_hit_tokens += hit  # rollback restores LMDeploy's snapshot of these stats
@@ -242,8 +235,8 @@ class HostTier:
     def cancel(self, seq: Any) -> None:
         """The sequence gave up its blocks (rollback, preemption, stop, end)
         before its restore was planned: drop the pins."""
-        self.stats.queried_tokens -= self._queried.pop(id(seq), 0)  # a retried match counts them again
-        pending = self._restores.pop(id(seq), None)
+        self.stats.queried_tokens -= self._queried.pop(seq.seq_id, 0)  # a retried match counts them again
+        pending = self._restores.pop(seq.seq_id, None)
         if pending is not None:
             self.stats.hit_tokens -= len(pending.slots) * self.block_size
             for slot in pending.slots:
@@ -251,7 +244,7 @@ class HostTier:
 
     def before_trie_allocate(self, seq: Any) -> None:
         """Blocks were just allocated; note which logical ids the restore targets."""
-        pending = self._restores.get(id(seq))
+        pending = self._restores.get(seq.seq_id)
         if pending is not None and pending.fresh is None:
             real = seq.logical_blocks.get_real_blocks()
             pending.fresh = np.array(real[pending.first_block:pending.first_block + len(pending.slots)])
@@ -261,10 +254,19 @@ class HostTier:
     def take_plan(self, running: list[Any]) -> HostCopyPlan:
         """Everything the forward about to be dispatched must carry."""
         pre, self._pre = self._pre, []
+        restore = self._planned_restores(running)
+        post = self._planned_saves()
+        wait_saves, self._evicted = self._evicted, False
+        after_forward = bool(pre) or self._touches_in_flight(restore)
+        self._note_in_flight(running)
+        return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves, restore_after_forward=after_forward)
+
+    def _planned_restores(self, running: list[Any]) -> list[tuple[int, int]]:
+        """(slot, physical block) restores of the running sequences' host hits; unpins their slots."""
         restore: list[tuple[int, int]] = []
         for seq in running:
-            self._queried.pop(id(seq), None)
-            pending = self._restores.pop(id(seq), None)
+            self._queried.pop(seq.seq_id, None)
+            pending = self._restores.pop(seq.seq_id, None)
             if pending is None:
                 continue
             n = len(pending.slots)
@@ -282,29 +284,36 @@ class HostTier:
             for slot in pending.slots:
                 self.index.unpin(int(slot))  # later copies into this slot queue behind the restore
         self.stats.blocks_restored += len(restore)
+        return restore
+
+    def _planned_saves(self) -> list[tuple[int, int]]:
+        """(slot, physical block) saves of the nodes this forward computes."""
         post_slots, post_logical = [], []
         nodes, self._post_nodes = self._post_nodes, []
         for node in nodes:
-            if not node.is_attached():
+            rec = _RECORDS.get(node)
+            if rec is None or not node.is_attached():
                 continue
-            slot = self._store(node)
+            slot = self._store(rec)
             if slot is not None:
                 post_slots.append(slot)
                 post_logical.append(node.block_id)
-        post = []
-        if post_slots:  # one physical-id lookup for all of this forward's saves
-            physical = self.allocator.get_physical_blocks(np.array(post_logical))
-            post = [(slot, int(p)) for slot, p in zip(post_slots, physical)]
-        wait_saves, self._evicted = self._evicted, False
-        after_forward = bool(pre)
-        if restore and not after_forward:
-            blocks = np.fromiter((b for _, b in restore), dtype=np.int64, count=len(restore))
-            after_forward = bool(np.isin(blocks, self._in_flight[0]).any() or np.isin(blocks, self._in_flight[1]).any())
+        if not post_slots:
+            return []
+        physical = self.allocator.get_physical_blocks(np.array(post_logical))  # one lookup for all saves
+        return [(slot, int(p)) for slot, p in zip(post_slots, physical)]
+
+    def _touches_in_flight(self, restore: list[tuple[int, int]]) -> bool:
+        if not restore:
+            return False
+        blocks = np.fromiter((b for _, b in restore), dtype=np.int64, count=len(restore))
+        return bool(np.isin(blocks, self._in_flight[0]).any() or np.isin(blocks, self._in_flight[1]).any())
+
+    def _note_in_flight(self, running: list[Any]) -> None:
         # One concatenation and one lookup per forward: this runs every decode step.
         logical = [seq.logical_blocks.get_real_blocks() for seq in running]
         current = (self.allocator.get_physical_blocks(np.concatenate(logical)) if logical else _NO_BLOCKS)
         self._in_flight = (np.asarray(current, dtype=np.int64), self._in_flight[0])
-        return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves, restore_after_forward=after_forward)
 
     def reset(self) -> None:
         """The engine slept: its KV pools were released (and the ranks'
@@ -317,13 +326,13 @@ class HostTier:
         self._in_flight = (_NO_BLOCKS, _NO_BLOCKS)
 
     def has_pending_restore(self, seq: Any) -> bool:
-        return id(seq) in self._restores
+        return seq.seq_id in self._restores
 
     def metrics(self) -> dict:
-        """Figures for LMDeploy's metrics path (metrics_hooks.py)."""
+        """Figures for LMDeploy's metrics path (hooks/scheduler.py)."""
         s = self.stats
         used, total = self.index.used, self.index.capacity
-        m = {
+        return {
             "host_hit_tokens": s.hit_tokens, "host_queried_tokens": s.queried_tokens,
             "host_hit_rate": s.hit_tokens / s.queried_tokens if s.queried_tokens else 0.0,
             "host_blocks_saved": s.blocks_saved, "host_blocks_restored": s.blocks_restored,
@@ -332,11 +341,32 @@ class HostTier:
             "host_saves_dropped": s.saves_dropped, "host_evictions": self._evictions_before + self.index.evictions,
             "host_slots_used": used, "host_slots_total": total, "host_occupancy": used / total,
         }
-        # Ranks in this process (the single-GPU executor) report how long
-        # forwards waited for copies; other processes' ranks cannot be reached here.
-        from .engine_hooks import local_workers
 
-        workers = local_workers()
-        if workers:
-            m["host_restore_wait_seconds"] = sum(w.wait_seconds() for w in workers)
-        return m
+
+def prepare(cache_config: Any) -> None:
+    """Before LMDeploy builds the Scheduler: the tier needs the prefix cache."""
+    if not host_cache_requested(cache_config):
+        return
+    if "host_cache_slots" not in cache_config.__dict__:
+        turn_off(cache_config, off_reason(cache_config) or "no host pool was sized for this engine")
+    if tier_slots(cache_config) <= 0:
+        return  # off, and said why when the pool was sized
+    if not cache_config.enable_prefix_caching:
+        log_once("the host cache extends the prefix cache: turning enable_prefix_caching on")
+        cache_config.enable_prefix_caching = True
+
+
+def attach(scheduler: Any) -> None:
+    """After LMDeploy built the Scheduler: give it, its trie and its roots a HostTier."""
+    cc = scheduler.cache_config
+    slots = tier_slots(cc)
+    if slots <= 0 or not scheduler.block_trie.enabled:
+        return
+    tier = HostTier(num_slots=slots, block_size=cc.block_size,
+                    write_policy=getattr(cc, "host_cache_write_policy", "write_through"),
+                    bytes_per_block=getattr(cc, "host_cache_block_bytes", 0),
+                    allocator=scheduler.block_manager.allocator)
+    tier.serve(scheduler, scheduler.block_trie, scheduler.sequence_lifecycle)
+    for root in scheduler.block_trie._roots.values():
+        tier.add_root(root)
+    log_once(f"host cache on: {slots} blocks per rank, write policy {tier.write_policy}")

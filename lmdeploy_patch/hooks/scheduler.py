@@ -1,0 +1,33 @@
+"""lmdeploy.pytorch.paging.scheduler.Scheduler: the tier is built with the
+scheduler (once the trie and the allocator exist), and its figures ride on
+LMDeploy's ScheduleMetrics (metrics_export.py)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..hook import wrap
+
+SCHEDULER = "lmdeploy.pytorch.paging.scheduler"
+
+
+@wrap(SCHEDULER, "Scheduler.__init__", ["self", "scheduler_config", "cache_config"])
+def __init__(original: Callable, self: Any, scheduler_config: Any, cache_config: Any, *args: Any,
+             **kwargs: Any) -> None:
+    from ..scheduler_tier import attach, prepare
+
+    prepare(cache_config)
+    original(self, scheduler_config, cache_config, *args, **kwargs)
+    attach(self)
+
+
+@wrap(SCHEDULER, "Scheduler.schedule_metrics", ["self"], kind="property")
+def schedule_metrics(original: Callable, self: Any) -> Any:
+    from ..scheduler_tier import tier_of
+
+    metrics = original(self)
+    tier = tier_of(self)
+    if tier is not None:
+        from ..rank_tier import local_wait_seconds
+
+        metrics.host_cache = {**tier.metrics(), **local_wait_seconds()}
+    return metrics

@@ -1,0 +1,73 @@
+"""How many host slots each rank gets: decided once in the driver, after
+LMDeploy fixed num_gpu_blocks and before the cache config goes to the
+scheduler and the workers (hooks/executor_base.py). The decision travels on
+the cache config (eligibility.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+from .eligibility import off_reason, turn_off
+from .log import log_once
+from .settings import GIB, host_cache_requested, ram_reserve_bytes, slot_stride
+
+
+def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on_this_host: int,
+                    available_ram: int) -> int:
+    """Slots per rank: host_cache_size GiB, or host_cache_ratio x the rank's
+    GPU KV bytes, cut into slots of one block. Every rank gets the same count
+    (the scheduler's index addresses all ranks with one slot id). Refuses a
+    pool that does not fit in RAM minus a reserve."""
+    reserve = ram_reserve_bytes()
+    strides = [slot_stride(b) for b in block_bytes_per_rank]
+    size = getattr(cache_config, "host_cache_size", None)
+    if size is not None:
+        per_rank = [int(size * GIB)] * len(strides)
+        setting = "host_cache_size"
+    else:
+        ratio = cache_config.host_cache_ratio
+        per_rank = [int(ratio * cache_config.num_gpu_blocks * b) for b in block_bytes_per_rank]
+        setting = "host_cache_ratio"
+    slots = min(p // s for p, s in zip(per_rank, strides))
+    if slots < 1:
+        raise ValueError(f"{setting} gives a host pool smaller than one KV block ({strides[0]} bytes); raise it")
+    need = slots * max(strides) * ranks_on_this_host
+    if need + reserve > available_ram:
+        fits = max(0, available_ram - reserve)
+        if setting == "host_cache_size":
+            most = f"host_cache_size / --host-cache-size {fits / ranks_on_this_host / GIB:.2f} or less"
+        else:  # the largest ratio whose pool fits, as the user would type it
+            gpu_bytes = ranks_on_this_host * cache_config.num_gpu_blocks * max(strides)
+            most = f"host_cache_ratio / --host-cache-ratio {int(fits / gpu_bytes * 100) / 100:.2f} or less"
+        raise ValueError(
+            f"{setting} asks for {need / GIB:.2f} GiB of host memory ({ranks_on_this_host} rank(s) x "
+            f"{slots} blocks) but {available_ram / GIB:.2f} GiB is available and {reserve / GIB:.0f} GiB "
+            f"is kept in reserve ({fits / GIB:.2f} GiB usable); set {most}")
+    return slots
+
+
+def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cache_config: Any,
+                   memory_model_cache: bool = False, model_paradigm: str = "ar") -> None:
+    """In the driver, once num_gpu_blocks is final: decide the tier and the
+    slot count that the scheduler and every rank will use."""
+    if not host_cache_requested(cache_config):
+        return
+    reason = off_reason(cache_config)
+    if reason is None and spec_cache_config is not None:
+        reason = "speculative decoding keeps a draft-model KV cache that the host tier does not save"
+    if reason is None and model_paradigm != "ar":
+        # dLLM decoding refills masked positions of a block across forwards;
+        # only autoregressive blocks are known to be final once attached.
+        reason = f"{model_paradigm} decoding is not supported by the host tier (autoregressive models only)"
+    if reason is None and memory_model_cache:
+        reason = "MemDecode keeps a memory-model KV cache in the same blocks that the host tier does not save"
+    if reason is not None:
+        turn_off(cache_config, reason)
+        return
+    from lmdeploy_hostcache import available_ram_bytes
+
+    slots = host_pool_slots(cache_config, block_bytes_per_rank, len(block_bytes_per_rank), available_ram_bytes())
+    cache_config.host_cache_slots = slots
+    cache_config.host_cache_block_bytes = sum(block_bytes_per_rank)
+    total = slots * sum(block_bytes_per_rank)
+    log_once(f"host pool: {slots} blocks per rank, {total / GIB:.2f} GiB over {len(block_bytes_per_rank)} rank(s) "
+             f"({slots / max(1, cache_config.num_gpu_blocks):.2f}x the GPU cache)")

@@ -1,0 +1,255 @@
+"""The rank side of the host tier: each rank's SlotStore over LMDeploy's KV
+pools, and when each copy of a forward's plan (copy_plan.py) runs.
+
+Stream order on a GPU (two copy streams per rank, inside the SlotStore):
+
+  forward stream:  ... forward N-1 ........... | wait(copies) | model N | ...
+  restore stream:  restores for N (overlap N-1) |
+  save stream:     after(N-1): post saves of N-1, pre saves | after(model N): post saves
+
+- pre saves start after everything queued on the forward stream so far
+  (forward N-1 may still write a block being evicted); restores too when one
+  of their blocks belonged to the batches in flight, else they start at once
+  and overlap forward N-1 (HostCopyPlan.restore_after_forward);
+- a copy that shares a slot or block with an earlier copy on the other
+  stream waits for it (the SlotStore orders them by events);
+- model N waits for its restores, so it never reads a block before its
+  restore lands, and for the saves, so it never overwrites a block an earlier
+  save still reads (it skips the wait for earlier saves when no block was
+  evicted since the last plan and it has no pre saves: HostCopyPlan.wait_saves);
+- post saves start after model N wrote the blocks they copy.
+
+Which rank store belongs to which model agent and cache engine is kept
+here, weakly keyed by those LMDeploy objects.
+"""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from typing import Any, Optional
+
+from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
+
+from .copy_plan import HostCopyPlan
+from .eligibility import tier_slots
+from .settings import slot_stride
+
+def pool_regions(allocation: Any, blocks_per_logical: int) -> tuple[list[Region], int]:
+    """One region per layer of every pool of a CacheAllocation.
+
+    LMDeploy's pools are [layers, kernel blocks, bytes] with the block axis 1;
+    a scheduler block is `blocks_per_logical` consecutive kernel blocks, so it
+    is contiguous inside a layer and strided across layers."""
+    regions: list[Region] = []
+    num_blocks = None
+    for pool in allocation.pools:
+        t = pool.tensor
+        if pool.entry_axis != 1 or t.dim() != 3:
+            raise ValueError(f"unexpected KV pool layout: shape {tuple(t.shape)}, entry axis {pool.entry_axis}")
+        size = t.element_size()
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"KV pool rows are not contiguous: strides {tuple(t.stride())}")
+        n = t.shape[1] // blocks_per_logical
+        if num_blocks is not None and n != num_blocks:
+            raise ValueError(f"KV pools disagree on the number of blocks: {num_blocks} and {n}")
+        num_blocks = n
+        block_bytes = blocks_per_logical * t.stride(1) * size
+        for layer in range(t.shape[0]):
+            regions.append(Region(t[layer].data_ptr(), block_bytes, block_bytes))
+    if not regions:
+        raise ValueError("the cache allocation has no pools")
+    return regions, num_blocks
+
+
+class WorkerTier:
+    """Executes copy plans on one rank's SlotStore, in forward order."""
+
+    def __init__(self, store: SlotStore, cuda: bool):
+        self.store = store
+        self.cuda = cuda
+        # Copies not yet waited on by a forward, by direction. The CUDA store
+        # runs each direction in order on its stream, so waiting on the newest
+        # covers the rest; the CPU store orders only copies that share a slot
+        # or a block, so a forward there waits on each.
+        self._unwaited: dict[str, list] = {"offload": [], "restore": []}
+        self.blocks_restored = 0
+        self.blocks_saved = 0
+        self._waited = 0.0       # seconds forwards spent waiting for copies (resolved)
+        self._wait_events: list = []  # CUDA (start, end) events not yet resolved
+
+    def _submit(self, transfer) -> None:
+        # A lost restore would feed this forward stale bytes and a lost save
+        # would leave a matchable slot without them: the forward must fail.
+        error = transfer.queue_error()
+        if error:
+            raise RuntimeError(f"lmdeploy-hostcache: a host-cache {transfer.direction} could not be queued: {error}")
+        pending = self._unwaited[transfer.direction]
+        if self.cuda:
+            pending[:] = [transfer]
+        else:
+            pending[:] = [t for t in pending if not t.done()] + [transfer]
+
+    def before_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
+        # Without a plan (warmup, a forward LMDeploy built itself) nothing is
+        # known about block reuse: wait for everything, as before the tier.
+        wait_saves = plan is None or plan.wait_saves
+        if plan is not None:
+            if len(plan.pre_slots):
+                self._submit(self.store.offload(plan.pre_slots, plan.pre_blocks, after_stream=stream))
+                self.blocks_saved += len(plan.pre_slots)
+                wait_saves = True
+            if len(plan.restore_slots):
+                # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
+                after = stream if plan.restore_after_forward or stream is None else 0
+                self._submit(self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=after))
+                self.blocks_restored += len(plan.restore_slots)
+        # Restores are always waited for: the model reads what they write.
+        waits = self._unwaited["restore"] + (self._unwaited["offload"] if wait_saves else [])
+        if not waits:
+            return
+        if self.cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for t in waits:
+                t.wait_on_stream(stream)
+            end.record(stream)
+            self._wait_events.append((start, end))
+            if len(self._wait_events) > 64:  # resolve finished ones even if nobody reads the figure
+                self.wait_seconds()
+        else:
+            t0 = time.perf_counter()
+            for t in waits:
+                t.wait()
+            self._waited += time.perf_counter() - t0
+        self._unwaited["restore"] = []
+        if wait_saves:
+            self._unwaited["offload"] = []
+
+    def wait_seconds(self) -> float:
+        """Time forwards spent waiting for host copies: what the tier cost them."""
+        pending = []
+        for start, end in self._wait_events:
+            if end.query():
+                self._waited += start.elapsed_time(end) / 1e3
+            else:
+                pending.append((start, end))
+        self._wait_events = pending
+        return self._waited
+
+    def after_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
+        if plan is not None and len(plan.post_slots):
+            self._submit(self.store.offload(plan.post_slots, plan.post_blocks, after_stream=stream))
+            self.blocks_saved += len(plan.post_slots)
+
+    def close(self) -> None:
+        """Waits for every copy this rank started (the pools are about to go)."""
+        for pending in self._unwaited.values():
+            for t in pending:
+                t.wait()
+            pending.clear()
+
+
+def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",
+                      device: Optional[str] = None, pin: str = "lazy") -> WorkerTier:
+    """A rank's store: host_cache_slots slots of this rank's block size."""
+    regions, num_blocks = pool_regions(allocation, blocks_per_logical)
+    slot_bytes = sum(r.bytes for r in regions)
+    stride = slot_stride(slot_bytes)
+    if device is None:
+        device = str(allocation.pools[0].tensor.device)
+        if device == "cuda":
+            device = "cuda:0"
+    slots = int(cache_config.host_cache_slots)
+    config = HostCacheConfig(capacity_bytes=slots * stride, device=device,
+                             copy_path=copy_path, pin=pin, reserve_bytes=0,  # the executor checked RAM for all ranks
+                             capacity_setting="host_cache_ratio / host_cache_size")
+    store = SlotStore(config, regions, num_blocks)
+    if store.num_slots != slots:
+        raise RuntimeError(f"host pool has {store.num_slots} slots, the scheduler expects {slots}")
+    store._allocation = allocation  # the pools must outlive the store
+    return WorkerTier(store, cuda=device.startswith("cuda"))
+
+
+def copy_path() -> str:
+    """HOSTCACHE_COPY_PATH=memcpy selects the batched-memcpy path."""
+    return os.environ.get("HOSTCACHE_COPY_PATH", "kernel")
+
+
+def pin_mode() -> str:
+    """HOSTCACHE_PIN=eager registers the whole pool at start-up (seconds per
+    tens of GiB) instead of a 256 MiB chunk at a time while serving (lazy)."""
+    return os.environ.get("HOSTCACHE_PIN", "lazy")
+
+
+# ----- which rank store serves which cache engine (and which model agent built it)
+
+# Keyed by identity: a cache engine's stand-ins in tests (tensors) compare by value.
+_BY_CACHE_ENGINE: dict[int, WorkerTier] = {}
+_CACHE_ENGINE_OF: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # agent -> id(cache engine)
+
+
+def register(cache_engine: Any, worker: WorkerTier, agent: Any = None) -> None:
+    """`worker` executes the plans of forwards on `cache_engine`."""
+    key = id(cache_engine)
+    _BY_CACHE_ENGINE[key] = worker
+    try:  # an id may be reused once its object is gone: forget it then at the latest
+        weakref.finalize(cache_engine, _BY_CACHE_ENGINE.pop, key, None)
+    except TypeError:
+        pass
+    if agent is not None:
+        _CACHE_ENGINE_OF[agent] = key
+
+
+def worker_for(cache_engine: Any) -> Optional[WorkerTier]:
+    return _BY_CACHE_ENGINE.get(id(cache_engine))
+
+
+def unregister(cache_engine: Any) -> bool:
+    """Waits for the copies of the store serving `cache_engine` and forgets it
+    (its pools are about to go); True if there was one."""
+    return _drop(id(cache_engine)) if cache_engine is not None else False
+
+
+def _drop(key: Optional[int]) -> bool:
+    worker = _BY_CACHE_ENGINE.pop(key, None) if key is not None else None
+    if worker is None:
+        return False
+    worker.close()
+    return True
+
+
+def local_workers() -> list[WorkerTier]:
+    return list(_BY_CACHE_ENGINE.values())
+
+
+def local_wait_seconds() -> dict:
+    """Ranks in this process (the single-GPU executor) report how long
+    forwards waited for copies; other processes' ranks cannot be reached here."""
+    workers = local_workers()
+    return {"host_restore_wait_seconds": sum(w.wait_seconds() for w in workers)} if workers else {}
+
+
+def attach_to_agent(agent: Any) -> None:
+    """On each rank, after its KV pools exist: the SlotStore over them.
+    A rank that cannot build it stops the engine: the scheduler would plan
+    restores that nobody executes."""
+    cc = agent.cache_config
+    if tier_slots(cc) <= 0:
+        return
+    try:
+        worker = build_worker_tier(cc, agent.cache_engine.gpu_allocation,
+                                   agent.block_cache_plan.kernel_blocks_per_logical_block, copy_path(),
+                                   pin=pin_mode())
+    except Exception as e:
+        raise RuntimeError(f"lmdeploy-hostcache: the host cache could not be set up on rank {agent.rank}: {e}. "
+                           "Lower host_cache_ratio/host_cache_size or start without the host cache.") from e
+    register(agent.cache_engine, worker, agent)
+
+
+def drop_from_agent(agent: Any) -> bool:
+    """The agent's pools are about to go (sleep, close, rebuild): its store
+    waits for its copies and is forgotten; True if it had one."""
+    return _drop(_CACHE_ENGINE_OF.pop(agent, None))

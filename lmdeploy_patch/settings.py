@@ -1,0 +1,174 @@
+"""The host-cache settings: names, defaults, accepted values, and the small
+helpers every layer uses to read them from any config (engine config, cache
+config, argparse namespace).
+
+How the settings become real fields of LMDeploy's configs is config_fields.py;
+the CLI flags are cli_flags.py. Nothing here imports LMDeploy, torch or
+numpy at module level: hook modules import this at every interpreter start.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Mapping
+
+HOST_CACHE_FIELDS: tuple[str, ...] = ("host_cache_ratio", "host_cache_size", "host_cache_write_policy")
+WRITE_POLICIES: tuple[str, ...] = ("write_through", "write_through_selective", "write_back")
+DEFAULT_WRITE_POLICY = "write_through"
+FIELD_DEFAULTS: dict[str, Any] = {
+    "host_cache_ratio": 0.0,
+    "host_cache_size": None,
+    "host_cache_write_policy": DEFAULT_WRITE_POLICY,
+}
+FIELD_TYPES: dict[str, Any] = {"host_cache_ratio": float, "host_cache_size": float | None,
+                               "host_cache_write_policy": str}
+# What `--host-cache` turns on: host pool = 4 x this rank's GPU KV-cache bytes.
+DEFAULT_HOST_CACHE_RATIO = 4.0
+GIB = 1 << 30
+
+RATIO_RANGE = ("a finite number >= 0 (0 = off; host pool bytes per rank = ratio x that rank's "
+               "GPU KV-cache bytes)")
+SIZE_RANGE = "None (use host_cache_ratio) or a finite number of GiB per rank > 0"
+
+# Values for the next engine config built in this context (see
+# `defaults_for_next_config`); a context variable so that concurrent threads
+# or tasks building configs do not see each other's values.
+_PENDING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "lmdeploy_hostcache_pending_config_values", default=None)
+
+
+def ram_reserve_bytes() -> int:
+    """RAM left to the rest of the machine: the core's default
+    (lmdeploy_hostcache.config), so a size accepted here is not refused again
+    when a rank builds its pool."""
+    from lmdeploy_hostcache.config import DEFAULT_RESERVE_BYTES
+
+    return DEFAULT_RESERVE_BYTES
+
+
+def slot_stride(block_bytes: int) -> int:
+    """Bytes one host slot of a `block_bytes` block takes (the core's alignment)."""
+    from lmdeploy_hostcache import slot_stride as core_stride
+
+    return core_stride(block_bytes)
+
+
+# ----- validation (also used by the CLI flags, with the flag's name as label)
+
+def is_number(value: object) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite_number(value: object, name: str, accepted: str) -> float:
+    import math
+
+    if not is_number(value):
+        kind = "a bool" if isinstance(value, bool) else type(value).__name__
+        raise TypeError(f"{name} must be a number, got {kind} {value!r}; accepted: {accepted}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}; accepted: {accepted}")
+    return number
+
+
+def check_ratio(value: object, name: str = "host_cache_ratio") -> float:
+    """The validated ratio as a float; TypeError/ValueError name `name` and the range."""
+    number = _finite_number(value, name, RATIO_RANGE)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}; accepted: {RATIO_RANGE}")
+    return number
+
+
+def max_host_cache_gib() -> float:
+    """Largest host_cache_size accepted now: available RAM minus the reserve, in GiB."""
+    from lmdeploy_hostcache import available_ram_bytes  # lazily: loads the compiled core
+
+    return max(0, int(available_ram_bytes()) - ram_reserve_bytes()) / GIB
+
+
+def check_size(value: object, name: str = "host_cache_size", *, check_ram: bool = True) -> float | None:
+    """The validated size in GiB (None = use the ratio). With `check_ram`, a size
+    larger than the available RAM minus the reserve is refused."""
+    if value is None:
+        return None
+    number = _finite_number(value, name, SIZE_RANGE)
+    if number <= 0:
+        raise ValueError(f"{name} must be > 0 GiB, got {value!r}; accepted: {SIZE_RANGE}")
+    if check_ram:
+        limit = max_host_cache_gib()
+        if number > limit:
+            raise ValueError(
+                f"{name}={number:g} GiB does not fit in host memory: {limit:.2f} GiB available after "
+                f"a {ram_reserve_bytes() / GIB:g} GiB reserve; accepted: None or 0 < {name} <= {limit:.2f} "
+                f"(GiB per rank)")
+    return number
+
+
+def check_policy(value: object, name: str = "host_cache_write_policy") -> str:
+    if not isinstance(value, str) or value not in WRITE_POLICIES:
+        raise ValueError(f"{name} must be one of {', '.join(WRITE_POLICIES)}; got {value!r}")
+    return value
+
+
+def validate_host_cache_values(values: Mapping[str, Any], *, check_ram: bool = True) -> dict[str, Any]:
+    """All three fields (missing ones take their defaults), validated and normalised."""
+    merged = {**FIELD_DEFAULTS, **values}
+    unknown = set(merged) - set(HOST_CACHE_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown host-cache settings {sorted(unknown)}; known: {list(HOST_CACHE_FIELDS)}")
+    return {
+        "host_cache_ratio": check_ratio(merged["host_cache_ratio"]),
+        "host_cache_size": check_size(merged["host_cache_size"], check_ram=check_ram),
+        "host_cache_write_policy": check_policy(merged["host_cache_write_policy"]),
+    }
+
+
+def validate_host_cache_fields(cfg: Any, *, check_ram: bool = True) -> None:
+    """Re-checks a config's current values. Useful where LMDeploy sets the
+    attributes directly and skips `__init__` (`lmdeploy chat` does)."""
+    validate_host_cache_values(host_cache_values(cfg), check_ram=check_ram)
+
+
+# ----- reading any config
+
+def host_cache_values(cfg: Any) -> dict[str, Any]:
+    """The three values of `cfg`, defaults for what it lacks."""
+    return {name: getattr(cfg, name, default) for name, default in FIELD_DEFAULTS.items()}
+
+
+def host_cache_requested(cfg: Any) -> bool:
+    """True when `cfg` asks for the host tier: ratio > 0 or a size set."""
+    if cfg is None:
+        return False
+    ratio = getattr(cfg, "host_cache_ratio", 0.0)
+    return (is_number(ratio) and ratio > 0) or getattr(cfg, "host_cache_size", None) is not None
+
+
+def copy_host_cache_fields(src: Any, dst: Any) -> None:
+    """Sets the three values of `src` on `dst` (values are already validated)."""
+    for name, value in host_cache_values(src).items():
+        object.__setattr__(dst, name, value)
+
+
+@contextlib.contextmanager
+def defaults_for_next_config(values: Mapping[str, Any]) -> Iterator[None]:
+    """Inside the block, the next `PytorchEngineConfig` or `TurbomindEngineConfig`
+    built takes `values` for the host-cache fields it is not given explicitly.
+    Once only: later configs in the block are not affected. Used by the CLI,
+    whose api_server builds its config with a fixed list of keywords."""
+    token = _PENDING.set(dict(values))
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+
+
+def take_pending() -> dict[str, Any]:
+    """The values `defaults_for_next_config` left for this config, once."""
+    pending = _PENDING.get()
+    if not pending:
+        return {}
+    _PENDING.set(None)
+    return pending
