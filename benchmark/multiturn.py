@@ -31,11 +31,12 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+if __package__ in (None, ""):  # `python benchmark/multiturn.py`: import the package this file belongs to
+    sys.path.insert(0, os.path.dirname(HERE))
 
-from replay import CostModel, ReplayEngine, User  # noqa: E402
-from server_client import ApiServer, run_users, scrape_metrics  # noqa: E402
-from sharegpt import SimpleTokenizer, load_conversations  # noqa: E402
+from benchmark.replay import CostModel, ReplayEngine, User  # noqa: E402
+from benchmark.server_client import ApiServer, run_users, scrape_metrics  # noqa: E402
+from benchmark.sharegpt import SimpleTokenizer, load_conversations  # noqa: E402
 
 MiB = 1 << 20
 # Bytes of one 64-token block of LMDeploy's packed pool, Llama-3-8B shape
@@ -124,7 +125,7 @@ def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, k
 def pinned_copy_gbps() -> float:
     """This machine's host-to-GPU bandwidth for one large pinned copy (the
     micro benchmark's reference)."""
-    from micro import pinned_copy_gbps as measure
+    from benchmark.micro import pinned_copy_gbps as measure
 
     return measure(512 << 20, reps=5)[0]
 
@@ -228,7 +229,7 @@ def run_pipeline_mode(args: argparse.Namespace) -> dict[str, dict]:
     import torch
     from lmdeploy import PytorchEngineConfig, pipeline
 
-    from pipeline_client import run_pipeline_users
+    from benchmark.pipeline_client import run_pipeline_users
 
     convs = conversations_text(args)
     pinned = pinned_copy_gbps()

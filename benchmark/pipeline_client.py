@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 
-from server_client import RequestRecord, ramp_delay
+from .server_client import RequestRecord, ramp_delay
 
 
 def counters(engine, records: list[RequestRecord], cached: int) -> dict[str, float]:

