@@ -3,16 +3,18 @@
     python benchmark/micro.py --json results/micro.json [--quick]
 
 Figures (all in one run, so ratios compare like with like):
-  index_{match,insert,evict}_us_{1k,8k,32k,128k}  HostCache.match from Python, and the
-      core index's insert/evict of a whole prompt (64-token blocks)
+  index_{match,insert,evict}_us_{1k,8k,32k,128k}  a match from Python as LMDeploy's scheduler
+      side makes it (TierIndex.match with pins, then their release), and the core index's
+      insert/evict of a whole prompt (64-token blocks)
   index_match_core_us_*       the same match without the Python call around it
   python_dict_match_us_*      a plain Python chained-hash dict (nano-vllm style, C xxhash)
   index_match_speedup_vs_python_*
   cpu_{restore,offload}_gbps_<dtype>, cpu_memcpy_gbps_<dtype>, cpu_restore_vs_memcpy[_<dtype>]
-      a 64-block restore/offload of a Llama-3-8B-shaped cache in CPU memory against one
+      a 64-block restore/offload of a Llama-3-8B-shaped cache in CPU memory, through the
+      SlotStore calls a rank makes (lmdeploy_patch/rank_tier.py), against one
       single-threaded memcpy of the same bytes
-  gpu_*  (GPU only) restore/offload of 64 blocks, bf16 and int4, kernel and memcpy paths,
-      against one large pinned cudaMemcpy of the same bytes
+  gpu_*  (GPU only) the same SlotStore restore/offload of 64 blocks, bf16 and int4, kernel
+      and memcpy paths, against one large pinned cudaMemcpy of the same bytes
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import xxhash
 
-from lmdeploy_hostcache import ROOT_KEY, GiB, HostCache, HostCacheConfig, _core, build_info
+from lmdeploy_hostcache import ROOT_KEY, GiB, HostCacheConfig, SlotStore, _core, build_info
 
 BLOCK = 64
 # Llama-3-8B shape: 32 layers, 8 KV heads, head dim 128. Bytes of one layer's
@@ -108,13 +110,21 @@ def bench_index(quick: bool) -> dict:
         assert ix.match_count(ROOT_KEY, 0, tokens) == blocks
         out[f"index_match_core_us_{name}"] = median_us(lambda: ix.match_count(ROOT_KEY, 0, tokens), reps * 5)
 
-        # The public API: HostCache.match from Python over a registered pool of tiny blocks.
-        dev = torch.zeros(blocks, 256, dtype=torch.uint8)
-        cache = HostCache.from_tensors(HostCacheConfig(capacity_bytes=(blocks + 8) * 256, cpu_workers=0,
-                                                       reserve_bytes=0), [dev])
-        assert cache.offload(tokens, np.arange(blocks)).transfer.wait()
-        assert cache.match(tokens).num_blocks == blocks
-        out[f"index_match_us_{name}"] = median_us(lambda: cache.match(tokens), reps * 5)
+        # What the scheduler side does per admission (lmdeploy_patch/scheduler_tier.py):
+        # a pinning match from Python, its pins released once the restore is planned.
+        tier = _core.TierIndex(blocks + 8, BLOCK)
+        parent = ROOT_KEY
+        for b in range(blocks):
+            _, parent, slot = tier.reserve(parent, 0, tokens[b * BLOCK:(b + 1) * BLOCK])
+            tier.saved(slot, True)
+
+        def engine_match():
+            _, slots = tier.match(ROOT_KEY, 0, tokens, True)
+            tier.release(slots)
+            return len(slots)
+
+        assert engine_match() == blocks
+        out[f"index_match_us_{name}"] = median_us(engine_match, reps * 5)
 
         py = PyChainedDict(BLOCK)
         py.insert(tokens)
@@ -136,24 +146,18 @@ def bench_cpu_copy(dtype: str, reps: int, blocks: int = 64) -> dict:
     lbb = LAYER_BLOCK_BYTES[dtype]
     pool = torch.empty((LAYERS, 2 * blocks, lbb), dtype=torch.uint8).fill_(3)
     cfg = HostCacheConfig(capacity_bytes=blocks * LAYERS * lbb, cpu_workers=os.cpu_count() or 2, reserve_bytes=0)
-    cache = HostCache.from_tensors(cfg, [pool], block_dim=1)
-    nbytes = blocks * cache.slot_bytes
-    tokens = np.arange(blocks * BLOCK, dtype=np.int32)
-    ns = iter(range(1, 10**6))
-    src = np.arange(blocks)
-    assert cache.offload(tokens, src, namespace=0).transfer.wait()  # faults the pool's pages in
+    store = SlotStore.from_tensors(cfg, [pool], block_dim=1)
+    nbytes = blocks * store.slot_bytes
+    slots, src, dst = np.arange(blocks, dtype=np.uint32), np.arange(blocks), np.arange(blocks, 2 * blocks)
+    assert store.offload(slots, src).wait()  # faults the pool's pages in
 
     def offload():
-        assert cache.offload(tokens, src, namespace=next(ns)).transfer.wait()
+        assert store.offload(slots, src).wait()
 
     off_us = median_us(offload, reps)
-    last = next(ns)
-    assert cache.offload(tokens, src, namespace=last).transfer.wait()
-    dst = np.arange(blocks, 2 * blocks)
 
     def restore():
-        m = cache.match(tokens, namespace=last, pin=True)
-        assert cache.restore(m, dst).wait()
+        assert store.restore(slots, dst).wait()
 
     restore()
     res_us = median_us(restore, reps)
@@ -169,29 +173,25 @@ def bench_gpu_copy(dtype: str, path: str, reps: int, blocks: int = 64) -> dict:
     lbb = LAYER_BLOCK_BYTES[dtype]
     pool = torch.empty((LAYERS, 2 * blocks, lbb), dtype=torch.uint8, device="cuda").fill_(3)
     cfg = HostCacheConfig(capacity_bytes=blocks * LAYERS * lbb, pin="eager", copy_path=path, reserve_bytes=0)
-    cache = HostCache.from_tensors(cfg, [pool], block_dim=1)
-    stats = cache.stats()
+    store = SlotStore.from_tensors(cfg, [pool], block_dim=1)
+    stats = store.stats()
     assert stats["pinned"], f"host pool not pinned: {stats['pin_error']}"
-    nbytes = blocks * cache.slot_bytes
-    tokens = np.arange(blocks * BLOCK, dtype=np.int32)
-    ns = iter(range(1, 10**6))
-    src, dst = np.arange(blocks), np.arange(blocks, 2 * blocks)
+    nbytes = blocks * store.slot_bytes
+    slots, src, dst = np.arange(blocks, dtype=np.uint32), np.arange(blocks), np.arange(blocks, 2 * blocks)
     torch.cuda.synchronize()
-    assert cache.offload(tokens, src, namespace=0).transfer.wait()
+    assert store.offload(slots, src).wait()
 
     def offload():
-        assert cache.offload(tokens, src, namespace=next(ns)).transfer.wait()
+        assert store.offload(slots, src).wait()
 
     off_us = median_us(offload, reps)
-    last = next(ns)
-    assert cache.offload(tokens, src, namespace=last).transfer.wait()
 
     def restore():
-        assert cache.restore(cache.match(tokens, namespace=last, pin=True), dst).wait()
+        assert store.restore(slots, dst).wait()
 
     restore()
     res_us = median_us(restore, reps)
-    engine = cache.stats()["copy_engine"]
+    engine = store.stats()["copy_engine"]
     key = f"{dtype}_{path}"
     return {f"gpu_offload_gbps_{key}": nbytes / off_us / 1e3, f"gpu_restore_gbps_{key}": nbytes / res_us / 1e3,
             f"gpu_engine_{key}": engine, "_bytes": nbytes}

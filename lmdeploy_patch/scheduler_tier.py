@@ -1,14 +1,17 @@
 """The scheduler side of the host tier inside LMDeploy's PyTorch engine.
 
-It owns the prefix index (which host slot holds which block) and decides,
-from the events of one scheduling pass, the copies that travel with the next
-forward as a HostCopyPlan (copy_plan.py). Each rank executes the plan on its
-own SlotStore (rank_tier.py).
+It holds the tier's index (the core's TierIndex: which host slot holds which
+block, and the rules for reserving, settling, pinning and releasing slots,
+the same the single-process HostCache keeps) and decides, from the events of
+one scheduling pass, the copies that travel with the next forward as a
+HostCopyPlan (copy_plan.py). Each rank executes the plan on its own
+SlotStore (rank_tier.py).
 
-Each rank's copies run in submission order per slot and per block, which is
-what lets this side treat a saved block as matchable as soon as its save is
-planned, and free a slot for reuse as soon as the restore reading it is
-planned.
+Each rank's copies run in submission order per slot and per block, so this
+side settles a save or a restore the moment it plans it (tier_index.h says
+why that is the same rule HostCache applies at completion): a saved block is
+matchable as soon as its save is planned, and a slot is free for reuse as
+soon as the restore reading it is planned.
 
 State lives here, not on LMDeploy's objects: `tier_of` maps the scheduler,
 its trie and its sequence lifecycle to their HostTier, and every trie node
@@ -100,7 +103,7 @@ class HostTier:
                  allocator: Any):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"host_cache_write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
-        self.index = _core.PrefixIndex(num_slots, block_size)
+        self.index = _core.TierIndex(num_slots, block_size)
         self._evictions_before = 0  # host evictions of indexes dropped by reset()
         self.block_size = block_size
         self.write_policy = write_policy
@@ -176,12 +179,12 @@ class HostTier:
     def _store(self, rec: NodeRecord) -> Optional[int]:
         """Inserts the node's block into the index; the slot to copy it to,
         or None when it is already stored or cannot be."""
-        status, key, slot = self.index.insert(rec.parent_key, rec.ns, rec.tokens)
+        status, key, slot = self.index.reserve(rec.parent_key, rec.ns, rec.tokens)
         rec.saved = True
         if status == "created":
-            # Copies run in order per slot on every rank: the restore of a
-            # later plan reads this save's bytes, so it is matchable now.
-            self.index.commit(slot)
+            # Settled as planned (module docstring): the restore of a later
+            # plan reads this save's bytes on every rank.
+            self.index.saved(slot, True)
             self.stats.blocks_saved += 1
             return slot
         if status in ("full", "collision"):
@@ -221,10 +224,9 @@ class HostTier:
         tokens = seq.history_cache[start:end]
         self.stats.queried_tokens += end - start
         self._queried[seq.seq_id] = end - start
-        steps = self.index.match(cursor_record.key, adapter_namespace(seq.adapter_name), as_tokens(tokens), True)
-        if not steps:
+        _, slots = self.index.match(cursor_record.key, adapter_namespace(seq.adapter_name), as_tokens(tokens), True)
+        if not len(slots):
             return
-        slots = np.array([s for _, s in steps], dtype=np.uint32)
         hit = len(slots) * bs
         self._restores[seq.seq_id] = _PendingRestore(slots, start // bs)
         seq.set_step(start + hit)
@@ -239,8 +241,7 @@ class HostTier:
         pending = self._restores.pop(seq.seq_id, None)
         if pending is not None:
             self.stats.hit_tokens -= len(pending.slots) * self.block_size
-            for slot in pending.slots:
-                self.index.unpin(int(slot))
+            self.index.release(pending.slots)
 
     def before_trie_allocate(self, seq: Any) -> None:
         """Blocks were just allocated; note which logical ids the restore targets."""
@@ -262,7 +263,7 @@ class HostTier:
         return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves, restore_after_forward=after_forward)
 
     def _planned_restores(self, running: list[Any]) -> list[tuple[int, int]]:
-        """(slot, physical block) restores of the running sequences' host hits; unpins their slots."""
+        """(slot, physical block) restores of the running sequences' host hits, settled in the index."""
         restore: list[tuple[int, int]] = []
         for seq in running:
             self._queried.pop(seq.seq_id, None)
@@ -274,15 +275,18 @@ class HostTier:
             if len(logical) != n:
                 raise RuntimeError(f"host-cache restore of {n} blocks found {len(logical)} allocated blocks")
             physical = self.allocator.get_physical_blocks(logical)
-            for i, slot in enumerate(pending.slots):
-                # A block another sequence attached first (trie dedup) is
-                # already being filled by that sequence: leave it alone.
-                if pending.fresh is not None and logical[i] != pending.fresh[i]:
-                    self.stats.restores_skipped += 1
-                else:
-                    restore.append((int(slot), int(physical[i])))
-            for slot in pending.slots:
-                self.index.unpin(int(slot))  # later copies into this slot queue behind the restore
+            # A block another sequence attached first (trie dedup) is already
+            # being filled by that sequence: leave it alone.
+            taken = np.ones(n, dtype=bool) if pending.fresh is None else logical == pending.fresh
+            self.stats.restores_skipped += int(n - np.count_nonzero(taken))
+            self.index.release(pending.slots[~taken])
+            # The restore takes the match's pins over and is settled as
+            # planned (module docstring): later copies into these slots queue behind it.
+            slots = pending.slots[taken]
+            self.index.begin_restore(slots, True)
+            for slot in slots.tolist():
+                self.index.restored(slot, True, True)
+            restore += zip(slots.tolist(), np.asarray(physical)[taken].tolist())
         self.stats.blocks_restored += len(restore)
         return restore
 
@@ -320,7 +324,7 @@ class HostTier:
         stores with them) and the weights may change before it wakes. Forget
         every host entry and everything planned; figures stay cumulative."""
         self._evictions_before += self.index.evictions
-        self.index = _core.PrefixIndex(self.index.capacity, self.block_size)
+        self.index = _core.TierIndex(self.index.capacity, self.block_size)
         self._pre, self._post_nodes, self._restores, self._queried = [], [], {}, {}
         self._evicted = False
         self._in_flight = (_NO_BLOCKS, _NO_BLOCKS)

@@ -11,6 +11,7 @@
 #include "host_cache.h"
 #include "memory_info.h"
 #include "prefix_index.h"
+#include "tier_index.h"
 
 namespace py = pybind11;
 using namespace hostcache;
@@ -84,6 +85,17 @@ std::vector<Region> to_regions(const RegionTuples& regions) {
 
 void require_1d(const py::array& a, const char* what) {
   if (a.ndim() != 1) throw ConfigError(hostcache::concat(what, " must be a 1-D array, got ", a.ndim(), " dimensions"));
+}
+
+// A match's steps as (keys, slots) arrays.
+py::tuple steps_arrays(const std::vector<MatchStep>& steps) {
+  py::array_t<uint64_t> keys(steps.size());
+  py::array_t<uint32_t> slots(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    keys.mutable_data()[i] = steps[i].key;
+    slots.mutable_data()[i] = steps[i].slot;
+  }
+  return py::make_tuple(keys, slots);
 }
 
 }  // namespace
@@ -172,6 +184,62 @@ PYBIND11_MODULE(_core, m) {
       .def("pins", &PrefixIndex::pins)
       .def("key_of", &PrefixIndex::key_of)
       .def("check_invariants", &PrefixIndex::check_invariants);
+
+  py::class_<TierIndex>(m, "TierIndex",
+                        "The tier's policy over its prefix index (tier_index.h): what LMDeploy's scheduler side keeps.")
+      .def(py::init<uint32_t, uint32_t>(), py::arg("num_slots"), py::arg("block_tokens"))
+      .def_property_readonly("capacity", &TierIndex::capacity)
+      .def_property_readonly("used", &TierIndex::used)
+      .def_property_readonly("evictions", &TierIndex::evictions)
+      .def(
+          "match",
+          [](TierIndex& ix, uint64_t parent, uint64_t ns, Tokens tokens, bool pin) {
+            // (keys, slots) arrays: this runs at every admission of LMDeploy's scheduler.
+            require_1d(tokens, "tokens");
+            return steps_arrays(ix.match(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()), pin));
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"), py::arg("pin") = false)
+      .def(
+          "release",
+          [](TierIndex& ix, U32s slots) {
+            require_1d(slots, "slots");
+            ix.release(slots.data(), static_cast<size_t>(slots.size()));
+          },
+          py::arg("slots"))
+      .def(
+          "reserve",
+          [](TierIndex& ix, uint64_t parent, uint64_t ns, Tokens tokens) {
+            if (tokens.size() != ix.block_tokens())
+              throw ConfigError(hostcache::concat("reserve takes one block of ", ix.block_tokens(), " tokens, got ",
+                                                  tokens.size()));
+            const InsertResult r = ix.reserve(parent, ns, tokens.data());
+            return py::make_tuple(status_name(r.status), r.key, r.slot);
+          },
+          py::arg("parent"), py::arg("namespace"), py::arg("tokens"))
+      .def("saved", &TierIndex::saved, py::arg("slot"), py::arg("ok"))
+      .def(
+          "begin_restore",
+          [](TierIndex& ix, U32s slots, bool holds_match_pins) {
+            require_1d(slots, "slots");
+            ix.begin_restore(slots.data(), static_cast<size_t>(slots.size()), holds_match_pins);
+          },
+          py::arg("slots"), py::arg("holds_match_pins"))
+      .def("restored", &TierIndex::restored, py::arg("slot"), py::arg("intact"), py::arg("release_match_pin"))
+      .def("pins", &TierIndex::pins)
+      .def("is_ready", &TierIndex::is_ready)
+      .def("check_invariants", &TierIndex::check_invariants)
+      .def("counters", [](const TierIndex& ix) {
+        const TierCounters& c = ix.counters();
+        py::dict d;
+        d["match_queries"] = c.match_queries;
+        d["query_blocks"] = c.query_blocks;
+        d["hit_blocks"] = c.hit_blocks;
+        d["miss_blocks"] = c.miss_blocks;
+        d["saves_existing"] = c.saves_existing;
+        d["saves_dropped"] = c.saves_dropped;
+        d["discarded"] = c.discarded;
+        return d;
+      });
 
   py::enum_<PinMode>(m, "PinMode").value("off", PinMode::kOff).value("lazy", PinMode::kLazy).value("eager", PinMode::kEager);
   py::enum_<CopyPath>(m, "CopyPath").value("kernel", CopyPath::kKernel).value("memcpy", CopyPath::kMemcpy);
@@ -277,14 +345,7 @@ PYBIND11_MODULE(_core, m) {
           "match",
           [](HostCache& c, uint64_t parent, uint64_t ns, Tokens tokens, bool pin) {
             require_1d(tokens, "tokens");
-            const auto steps = c.match(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()), pin);
-            py::array_t<uint64_t> keys(steps.size());
-            py::array_t<uint32_t> slots(steps.size());
-            for (size_t i = 0; i < steps.size(); ++i) {
-              keys.mutable_data()[i] = steps[i].key;
-              slots.mutable_data()[i] = steps[i].slot;
-            }
-            return py::make_tuple(keys, slots);
+            return steps_arrays(c.match(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()), pin));
           },
           py::arg("parent"), py::arg("namespace"), py::arg("tokens"), py::arg("pin") = false)
       .def(

@@ -8,7 +8,7 @@
 namespace hostcache {
 
 HostCache::HostCache(const HostCacheOptions& o, std::vector<Region> regions, uint64_t num_device_blocks)
-    : options_(o), store_(o, std::move(regions), num_device_blocks), index_(store_.num_slots(), o.block_tokens) {
+    : options_(o), store_(o, std::move(regions), num_device_blocks), tier_(store_.num_slots(), o.block_tokens) {
   if (o.checksum) checksums_.assign(store_.num_slots(), 0);
 }
 
@@ -23,7 +23,7 @@ HostCache::~HostCache() {
 }
 
 std::vector<uint64_t> HostCache::block_keys(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n) const {
-  const uint32_t bt = index_.block_tokens();
+  const uint32_t bt = tier_.block_tokens();
   std::vector<uint64_t> keys(n / bt);
   for (size_t i = 0; i < keys.size(); ++i) keys[i] = parent = chain_key(parent, ns, tokens + i * bt, bt);
   return keys;
@@ -32,23 +32,12 @@ std::vector<uint64_t> HostCache::block_keys(uint64_t parent, uint64_t ns, const 
 std::vector<MatchStep> HostCache::match(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n, bool pin) {
   std::lock_guard<std::mutex> lock(mu_);
   reap_locked();
-  std::vector<MatchStep> out;
-  const size_t hit = index_.match(parent, ns, tokens, n, pin, &out);
-  const size_t queried = n / index_.block_tokens();
-  counters_.match_queries++;
-  counters_.query_blocks += queried;
-  counters_.hit_blocks += hit;
-  counters_.miss_blocks += queried - hit;
-  return out;
+  return tier_.match(parent, ns, tokens, n, pin);
 }
 
 void HostCache::release(const uint32_t* slots, size_t n) {
   std::lock_guard<std::mutex> lock(mu_);
-  for (size_t i = 0; i < n; ++i) {
-    HC_REQUIRE(slots[i] < index_.capacity() && index_.pins(slots[i]) > 0, "release of slot ", slots[i],
-               " that no match pinned");
-  }
-  for (size_t i = 0; i < n; ++i) index_.unpin(slots[i]);
+  tier_.release(slots, n);
 }
 
 OffloadResult HostCache::offload(const uint64_t* parents, const uint64_t* namespaces, const int32_t* tokens,
@@ -60,9 +49,9 @@ OffloadResult HostCache::offload(const uint64_t* parents, const uint64_t* namesp
   r.keys.resize(n);
   r.slots.assign(n, -1);
   std::vector<BlockCopy> copies;
-  const uint32_t bt = index_.block_tokens();
+  const uint32_t bt = tier_.block_tokens();
   for (size_t i = 0; i < n; ++i) {
-    const InsertResult ins = index_.insert(parents[i], namespaces[i], tokens + i * bt);
+    const InsertResult ins = tier_.reserve(parents[i], namespaces[i], tokens + i * bt);
     r.keys[i] = ins.key;
     switch (ins.status) {
       case InsertStatus::kCreated:
@@ -81,8 +70,6 @@ OffloadResult HostCache::offload(const uint64_t* parents, const uint64_t* namesp
         break;
     }
   }
-  counters_.offload_existing += r.existing;
-  counters_.offload_dropped += r.dropped;
   r.transfer = submit(Direction::kOffload, std::move(copies), after_stream, false);
   return r;
 }
@@ -97,17 +84,9 @@ std::shared_ptr<TransferRecord> HostCache::restore(const uint32_t* slots, const 
   }
   std::lock_guard<std::mutex> lock(mu_);
   reap_locked();
-  for (size_t i = 0; i < n; ++i) {
-    HC_REQUIRE(slots[i] < index_.capacity() && index_.is_ready(slots[i]), "slot ", slots[i],
-               " holds no ready block; restore only slots returned by match()");
-    HC_REQUIRE(!release_match_pins || index_.pins(slots[i]) > 0, "slot ", slots[i],
-               " is not pinned by a match; match with pin=True before handing its pins to restore");
-  }
+  tier_.begin_restore(slots, n, release_match_pins);
   std::vector<BlockCopy> copies(n);
-  for (size_t i = 0; i < n; ++i) {
-    index_.pin(slots[i]);
-    copies[i] = {slots[i], static_cast<uint32_t>(device_blocks[i])};
-  }
+  for (size_t i = 0; i < n; ++i) copies[i] = {slots[i], static_cast<uint32_t>(device_blocks[i])};
   return submit(Direction::kRestore, std::move(copies), after_stream, release_match_pins);
 }
 
@@ -160,23 +139,17 @@ void HostCache::settle(TransferRecord& t) {
   const bool offload = t.direction == Direction::kOffload;
   if (offload) {
     for (const BlockCopy& c : t.copies) {
-      if (t.ok) {
-        if (options_.checksum) checksums_[c.slot] = store_.slot_checksum(c.slot);
-        index_.commit(c.slot);
-      } else {
-        index_.discard(c.slot);
-        index_.unpin(c.slot);
-      }
+      if (t.ok && options_.checksum) checksums_[c.slot] = store_.slot_checksum(c.slot);
+      tier_.saved(c.slot, t.ok);
     }
   } else {
     for (const BlockCopy& c : t.copies) {
-      if (t.ok && options_.checksum && !restored_intact(c)) {
+      const bool intact = !(t.ok && options_.checksum && !restored_intact(c));
+      if (!intact) {
         counters_.checksum_failures++;
         if (t.error.empty()) t.error = concat("checksum mismatch restoring slot ", c.slot, " into device block ", c.block);
-        index_.discard(c.slot);
       }
-      index_.unpin(c.slot);
-      if (t.release_match_pins) index_.unpin(c.slot);
+      tier_.restored(c.slot, intact, t.release_match_pins);
     }
     t.ok = t.error.empty();
   }
@@ -252,10 +225,17 @@ Stats HostCache::stats() {
   reap_locked();
   Stats s = counters_;
   static_cast<StoreStats&>(s) = store_.stats();
-  s.slots_used = index_.used();
+  const TierCounters& tc = tier_.counters();
+  s.match_queries = tc.match_queries;
+  s.query_blocks = tc.query_blocks;
+  s.hit_blocks = tc.hit_blocks;
+  s.miss_blocks = tc.miss_blocks;
+  s.offload_existing = tc.saves_existing;
+  s.offload_dropped = tc.saves_dropped;
+  s.slots_used = tier_.used();
   s.slots_free = s.slots_total - s.slots_used;
-  s.evictions = index_.evictions();
-  s.collisions = index_.collisions();
+  s.evictions = tier_.evictions();
+  s.collisions = tier_.collisions();
   s.transfers_in_flight = static_cast<uint32_t>(in_flight_.size());
   return s;
 }
@@ -267,14 +247,14 @@ void HostCache::inject_failures(uint32_t n) {
 
 void HostCache::check_invariants() {
   std::lock_guard<std::mutex> lock(mu_);
-  index_.check_invariants();
+  tier_.check_invariants();
   // Every pin belongs to a transfer in flight or to a match the caller holds;
   // transfers' pins are counted here, so pins >= transfer pins per slot.
   std::unordered_map<uint32_t, uint32_t> transfer_pins;
   for (auto& t : in_flight_)
     for (const BlockCopy& c : t->copies) transfer_pins[c.slot] += 1 + (t->release_match_pins ? 1 : 0);
   for (const auto& [slot, pins] : transfer_pins)
-    if (index_.pins(slot) < pins) throw std::logic_error("a slot in flight has fewer pins than its transfers hold");
+    if (tier_.pins(slot) < pins) throw std::logic_error("a slot in flight has fewer pins than its transfers hold");
 }
 
 }  // namespace hostcache

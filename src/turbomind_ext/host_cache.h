@@ -1,6 +1,7 @@
-// HostCache: the tier's policy over its parts. It owns the host arena, the
-// prefix index and a copy engine, decides which slots a transfer uses, pins
-// them while it runs, and settles the index when it completes:
+// HostCache: the tier in one process. It owns a SlotStore (host arena and
+// copy engine) and the tier's policy over the prefix index (TierIndex, the
+// one LMDeploy's scheduler side keeps too), decides which slots a transfer
+// uses, and settles the index when the transfer completes:
 //  - an offloaded slot becomes matchable only after its copy completed (C1);
 //  - every slot a queued or running transfer touches is pinned (C2);
 //  - a transfer on a device block or slot is ordered after the previous
@@ -27,6 +28,7 @@
 #include "prefix_index.h"
 #include "regions.h"
 #include "slot_store.h"
+#include "tier_index.h"
 
 namespace hostcache {
 
@@ -77,7 +79,7 @@ class HostCache {
   HostCache(const HostCache&) = delete;
   HostCache& operator=(const HostCache&) = delete;
 
-  uint32_t block_tokens() const { return index_.block_tokens(); }
+  uint32_t block_tokens() const { return tier_.block_tokens(); }
   uint64_t slot_bytes() const { return store_.slot_bytes(); }
   uint32_t num_slots() const { return store_.num_slots(); }
   // A slot's bytes (tests and debugging: what host memory holds).
@@ -117,7 +119,7 @@ class HostCache {
 
   HostCacheOptions options_;
   SlotStore store_;
-  PrefixIndex index_;
+  TierIndex tier_;
   std::mutex mu_;
   std::vector<std::shared_ptr<TransferRecord>> in_flight_;
   std::vector<uint64_t> checksums_;
