@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/sanitize.sh
-python3 -m pytest -q tests "$@"
+# CI and this machine can make private network namespaces: the API-server tests must not skip.
+HOSTCACHE_REQUIRE_NETNS=${HOSTCACHE_REQUIRE_NETNS:-1} python3 -m pytest -q tests "$@"

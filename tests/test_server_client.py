@@ -20,7 +20,8 @@ class FakeServer:
     """Streams `max_tokens` words per reply; counts tokens as LMDeploy would
     (one token per word; the earlier turns of a conversation are 'cached')."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: str = "") -> None:
+        self.fail = fail  # "error-chunk" or "abort": how the second request of every conversation ends
         self.requests: list[list[dict]] = []
         self.counters = {"prompt": 0, "cached": 0, "host": 0}
         self.loop = asyncio.new_event_loop()
@@ -55,6 +56,13 @@ class FakeServer:
             await asyncio.sleep(0.002)
             chunk = {"choices": [{"delta": {"content": f"w{len(msgs)}_{i} "}}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if self.fail and len(msgs) == 3:
+            # How LMDeploy ends a request its engine dropped: an HTTP 200 stream
+            # with an error chunk (chat_completions/serving.py) or an abort finish.
+            last = ({"error": {"message": "engine failed", "code": 500}} if self.fail == "error-chunk" else
+                    {"choices": [{"delta": {}, "finish_reason": "abort"}]})
+            await resp.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+            return resp
         usage = {"choices": [], "usage": {"prompt_tokens": words, "completion_tokens": n}}
         await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         return resp
@@ -100,6 +108,23 @@ def test_users_walk_conversations_and_metrics_add_up():
     assert s["tokens_gpu_hit"] + s["tokens_host_hit"] + s["tokens_recomputed"] == s["prompt_tokens"] > 0
     assert s["tokens_host_hit"] == srv.counters["host"] and s["restore_gbps"] == pytest.approx(1000 / 1e-6 / 1e9)
     assert 0 < s["ttft_p50_s"] < 5 and s["itl_p50_s"] > 0
+
+
+@pytest.mark.parametrize("fail", ["error-chunk", "abort"])
+def test_a_request_the_engine_dropped_counts_as_failed(fail):
+    """A 200 stream that ends in an error chunk or an abort finish is a failed
+    request, and that user's conversation stops there."""
+    srv = FakeServer(fail=fail)
+    try:
+        url = f"http://127.0.0.1:{srv.port}"
+        convs = [[(f"hello {u} turn {t} ", 3) for t in range(3)] for u in range(2)]
+        records = asyncio.run(run_users(url, "fake", convs, concurrency=2, think_s=0.0, seed=0))
+    finally:
+        srv.close()
+    failed = [r for r in records if r.error]
+    assert sorted((r.user, r.turn) for r in failed) == [(0, 1), (1, 1)], [(r.user, r.turn, r.error) for r in records]
+    assert all(("stream error" if fail == "error-chunk" else "finish_reason abort") in r.error for r in failed)
+    assert len(records) == 4  # the third turns were never sent
 
 
 def test_ramp_spreads_only_the_first_wave():

@@ -100,22 +100,8 @@ py::tuple steps_arrays(const std::vector<MatchStep>& steps) {
 
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "lmdeploy-hostcache core: host block pool, prefix index and copy engine";
-  m.def("device_info", &device_info_dict, "Whether this build has CUDA and whether a GPU is usable.");
-  m.attr("ROOT_KEY") = kRootKey;
-  m.def("slot_stride", &slot_stride_for, py::arg("block_bytes"),
-        "Bytes one host slot of a block of `block_bytes` takes (the arena's alignment).");
-  m.def("available_ram_bytes", &available_ram_bytes, "MemAvailable: what the pool is checked against.");
-  m.def("total_ram_bytes", &total_ram_bytes);
-  m.def(
-      "chain_key",
-      [](uint64_t parent, uint64_t ns, Tokens tokens) {
-        require_1d(tokens, "tokens");
-        return chain_key(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()));
-      },
-      py::arg("parent"), py::arg("namespace"), py::arg("tokens"));
-
+// The bare index: tests, benchmarks, and its reference-model test.
+void bind_prefix_index(py::module_& m) {
   py::class_<PrefixIndex>(m, "PrefixIndex", "The bare prefix index (for tests and benchmarks).")
       .def(py::init<uint32_t, uint32_t>(), py::arg("num_slots"), py::arg("block_tokens"))
       .def_property_readonly("capacity", &PrefixIndex::capacity)
@@ -185,6 +171,10 @@ PYBIND11_MODULE(_core, m) {
       .def("key_of", &PrefixIndex::key_of)
       .def("check_invariants", &PrefixIndex::check_invariants);
 
+}
+
+// The tier's rules over the index (tier_index.h).
+void bind_tier_index(py::module_& m) {
   py::class_<TierIndex>(m, "TierIndex",
                         "The tier's policy over its prefix index (tier_index.h): what LMDeploy's scheduler side keeps.")
       .def(py::init<uint32_t, uint32_t>(), py::arg("num_slots"), py::arg("block_tokens"))
@@ -241,6 +231,10 @@ PYBIND11_MODULE(_core, m) {
         return d;
       });
 
+}
+
+// Options, transfers and the SlotStore (what each LMDeploy rank holds).
+void bind_slot_store(py::module_& m) {
   py::enum_<PinMode>(m, "PinMode").value("off", PinMode::kOff).value("lazy", PinMode::kLazy).value("eager", PinMode::kEager);
   py::enum_<CopyPath>(m, "CopyPath").value("kernel", CopyPath::kKernel).value("memcpy", CopyPath::kMemcpy);
 
@@ -305,6 +299,10 @@ PYBIND11_MODULE(_core, m) {
       .def("block_checksum", &SlotStore::block_checksum)
       .def("stats", [](const SlotStore& st) { return store_stats_dict(st.stats()); });
 
+}
+
+// The whole tier in one process.
+void bind_host_cache(py::module_& m) {
   py::class_<TransferRecord, std::shared_ptr<TransferRecord>>(m, "TransferRecord")
       .def_readonly("id", &TransferRecord::id)
       .def_property_readonly("direction",
@@ -399,4 +397,26 @@ PYBIND11_MODULE(_core, m) {
       .def("stats", [](HostCache& c) { return stats_dict(c.stats()); })
       .def("inject_failures", &HostCache::inject_failures)
       .def("check_invariants", &HostCache::check_invariants);
+}
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "lmdeploy-hostcache core: host block pool, prefix index and copy engine";
+  m.def("device_info", &device_info_dict, "Whether this build has CUDA and whether a GPU is usable.");
+  m.attr("ROOT_KEY") = kRootKey;
+  m.def("slot_stride", &slot_stride_for, py::arg("block_bytes"),
+        "Bytes one host slot of a block of `block_bytes` takes (the arena's alignment).");
+  m.def("available_ram_bytes", &available_ram_bytes, "MemAvailable: what the pool is checked against.");
+  m.def("total_ram_bytes", &total_ram_bytes);
+  m.def(
+      "chain_key",
+      [](uint64_t parent, uint64_t ns, Tokens tokens) {
+        require_1d(tokens, "tokens");
+        return chain_key(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()));
+      },
+      py::arg("parent"), py::arg("namespace"), py::arg("tokens"));
+
+  bind_prefix_index(m);
+  bind_tier_index(m);
+  bind_slot_store(m);
+  bind_host_cache(m);
 }

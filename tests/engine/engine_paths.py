@@ -14,7 +14,12 @@ In order, in this one process:
            sleep    : sleep(1) then wakeup (KV pools released and rebuilt);
            after    : a conversation after all of that;
            then closed;
-  engine 2 a second tier-on engine in the same process: one conversation.
+  engine 2 a second tier-on engine in the same process: conversations again.
+
+Each phase with conversations runs 4 of them, 2 turns each, every
+conversation's turn in flight together, on a 16-block GPU cache: later
+turns find their prefixes evicted, so every phase restores from host memory
+(after sleep into the rebuilt pools, and in the second engine into its own).
 
 After each phase, once the engine is idle, the allocator and the host tier
 are checked for balance (tests/balance.py). Preemptions are counted by
@@ -34,7 +39,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import tiny_model  # noqa: E402
 from balance import balance_problems  # noqa: E402
-from turns import _generate, close_and_exit, write_json  # noqa: E402
+from turns import _generate, close_and_exit, make_plan, prompt_ids, write_json  # noqa: E402
 
 PREEMPTIONS = {"count": 0}
 
@@ -50,15 +55,6 @@ def count_preemptions() -> None:
         return preempt(self, seqs)
 
     scheduler.Scheduler.preempt_seqs = counted
-
-
-def conversations(tok, n: int, seed: int) -> list[list[int]]:
-    """n user messages of ~200 words each, as token ids."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    words = tiny_model.word_ids(tok)
-    return [rng.choice(words, int(rng.integers(180, 240))).tolist() for _ in range(n)]
 
 
 class Runner:
@@ -80,22 +76,16 @@ class Runner:
         fut = asyncio.run_coroutine_threadsafe(coro, self.pipe.internal_thread.loop)
         return fut.result(timeout=timeout)
 
-    def prompt(self, history: list[tuple[list[int], list[int]]], user: list[int]) -> list[int]:
-        s = self.special
-        ids = [s["<s>"]]
-        for u, reply in history:
-            ids += [s["<|user|>"], *u, s["<|end|>"], s["<|assistant|>"], *reply, s["<|end|>"]]
-        return ids + [s["<|user|>"], *user, s["<|end|>"], s["<|assistant|>"]]
-
-    def chat(self, users: list[list[list[int]]], new_tokens: int) -> list[dict]:
-        """Conversations turn by turn, every conversation's turn in flight together."""
+    def chat(self, plan: dict, new_tokens: int) -> list[dict]:
+        """The plan's conversations turn by turn, every conversation's turn in flight together."""
         from lmdeploy import GenerationConfig
 
         gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+        users = plan["users"]
         history: list[list] = [[] for _ in users]
         out = []
         for t in range(len(users[0])):
-            prompts = [self.prompt(history[c], users[c][t]) for c in range(len(users))]
+            prompts = [prompt_ids(self.special, plan, history[c], users[c][t]) for c in range(len(users))]
 
             async def wave():
                 return await asyncio.gather(*(_generate(self.engine, ids, gen) for ids in prompts))
@@ -159,36 +149,34 @@ def run(args: argparse.Namespace) -> dict:
 
     count_preemptions()
     tok = AutoTokenizer.from_pretrained(args.model)
-    msgs = conversations(tok, 12, seed=7)
-    preempt_users = [[msgs[0], msgs[1]], [msgs[2], msgs[3]], [msgs[4], msgs[5]], [msgs[6], msgs[7]]]
-    after_users = [[msgs[0], msgs[8]]]              # reuses the first preempt conversation's first turn
-    second_users = [[msgs[2], msgs[9]]]
-    cancel_prompts = [msgs[10], msgs[11]]
+    words = tiny_model.word_ids(tok)
+    preempt_plan, after_plan, second_plan = (make_plan(words, 4, 2, seed) for seed in (7, 8, 9))
+    cancel_plan = make_plan(words, 2, 1, 10)
     eager = not args.graphs
     result: dict = {"phases": {}}
 
     ref = Runner(args.model, tier=False, gpu_blocks=512, eager=eager)
-    result["ref"] = {"preempt": ref.chat(preempt_users, args.long_reply), "after": ref.chat(after_users, 16),
-                     "second": ref.chat(second_users, 16)}
+    result["ref"] = {"preempt": ref.chat(preempt_plan, args.long_reply), "after": ref.chat(after_plan, 16),
+                     "second": ref.chat(second_plan, 16)}
     ref.close()
 
     one = Runner(args.model, tier=True, gpu_blocks=args.small_blocks, eager=eager)
     p0 = PREEMPTIONS["count"]
-    turns = one.chat(preempt_users, args.long_reply)
+    turns = one.chat(preempt_plan, args.long_reply)
     result["phases"]["preempt"] = {"turns": turns, "preemptions": PREEMPTIONS["count"] - p0,
                                    "problems": one.balance(), "host": one.host_metrics()}
-    prompts = [one.prompt([], m) for m in cancel_prompts]
+    prompts = [prompt_ids(one.special, cancel_plan, [], u[0]) for u in cancel_plan["users"]]
     got = one.cancel_mid_stream(prompts, after=4)
     result["phases"]["cancel"] = {"tokens_before_cancel": got, "problems": one.balance()}
     one.call(one.engine.sleep(1))
     one.engine.wakeup()
     result["phases"]["sleep"] = {"problems": one.balance(), "host": one.host_metrics()}
-    turns = one.chat(after_users, 16)
+    turns = one.chat(after_plan, 16)
     result["phases"]["after"] = {"turns": turns, "problems": one.balance(), "host": one.host_metrics()}
     one.close()
 
     two = Runner(args.model, tier=True, gpu_blocks=args.small_blocks, eager=eager)
-    turns = two.chat(second_users, 16)
+    turns = two.chat(second_plan, 16)
     from lmdeploy_patch.rank_tier import local_workers
 
     result["phases"]["second"] = {"turns": turns, "problems": two.balance(), "host": two.host_metrics(),
@@ -202,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--small-blocks", type=int, default=16, help="GPU blocks of the tier-on engines")
-    p.add_argument("--long-reply", type=int, default=150, help="new tokens per turn in the preemption phase")
+    p.add_argument("--long-reply", type=int, default=96, help="new tokens per turn in the preemption phase")
     p.add_argument("--graphs", action="store_true", help="eager_mode=False (CUDA graphs; GPU only)")
     args = p.parse_args(argv)
     try:

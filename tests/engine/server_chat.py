@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import tiny_model  # noqa: E402
-from conftest import stop_tree, tail  # noqa: E402
+from procs import start, stop_tree, tail  # noqa: E402
 from turns import write_json  # noqa: E402
 
 START_TIMEOUT = 240
@@ -57,7 +57,7 @@ def start_server(model: str, args: list[str], log: Path) -> tuple[subprocess.Pop
     cmd = [sys.executable, "-m", "lmdeploy", "serve", "api_server", model, "--backend", "pytorch",
            "--enable-prefix-caching", "--max-batch-size", "8", "--session-len", "4096", "--model-name", "tiny",
            "--server-name", "127.0.0.1", "--server-port", str(port), "--log-level", "WARNING", *args]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=os.environ)
+    proc = start(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=os.environ)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -120,17 +120,18 @@ def metric_values(body: str) -> dict[str, float]:
     return values
 
 
-def settled_metrics(base: str, requests: int) -> dict[str, float]:
-    """/metrics once two reads an update apart agree and count every request."""
+def settled_metrics(base: str, prompt_tokens: int) -> dict[str, float]:
+    """/metrics once it counts every request's prompt tokens and two reads a
+    statistics update apart agree; an error if that does not happen in time."""
     deadline = time.monotonic() + METRICS_TIMEOUT
     last: dict = {}
     while time.monotonic() < deadline:
         now = metric_values(http_get(base + "/metrics"))
-        if now.get("lmdeploy:host_cache_queried_tokens", 0) > 0 and now == last:
+        if now.get("lmdeploy:prompt_tokens_total") == prompt_tokens and now == last:
             return now
         last = now
         time.sleep(11.0)
-    return last
+    raise RuntimeError(f"/metrics did not settle on {prompt_tokens} prompt tokens in {METRICS_TIMEOUT} s: {last}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(proc, base, logs / f"server-{k}.log")
         for k, (_, base) in procs.items():
             result[k] = converse(base, a.conversations, a.turns, a.max_tokens)
-        result["metrics"] = settled_metrics(procs["on"][1], len(result["on"]))
+        result["metrics"] = settled_metrics(procs["on"][1], sum(r["prompt_tokens"] for r in result["on"]))
         result["metrics_ref"] = metric_values(http_get(procs["ref"][1] + "/metrics"))
     finally:
         for proc, _ in procs.values():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, EngineRuns, engine_env, get, netns_problem
+from conftest import REPO, EngineRuns, engine_env, get, netns_problem, netns_required
 
 BLOCK_TOKENS = 64
 # Tiny model (tiny_model.py): 4 layers x (K, V) x 2 KV heads x head dim 64 x 64 tokens x 2 bytes (bf16).
@@ -21,10 +21,11 @@ DEFAULT_RATIO, ON_GPU_BLOCKS = 4, 24
 def served(tiny_model_dir, tmp_path_factory, run_notes) -> dict:
     problem = netns_problem()
     if problem:
+        netns_required(problem)
         pytest.skip(f"the API-server test runs in a private network namespace: {problem}")
     out = tmp_path_factory.mktemp("api-server")
     results = EngineRuns(out, parallel=1, timeout=480).run(
-        {"chat": ["tests/engine/server_chat.py", "--model", tiny_model_dir]}, netns=True)
+        {"chat": ["tests/engine/server_chat.py", "--model", tiny_model_dir]}, engine_env(), netns=True)
     res = get(results, "chat")
     run_notes.append("api_server /metrics: "
                      + ", ".join(f"{k.split(':')[1]}={v:g}" for k, v in res["metrics"].items() if "host_cache" in k))
@@ -52,6 +53,9 @@ def test_cached_tokens_count_host_hits(served):
     hits = m["lmdeploy:host_cache_hit_tokens"]
     cached = sum(r["cached_tokens"] for r in on)
     assert 0 < hits <= cached and hits % BLOCK_TOKENS == 0, (hits, cached)
+    # LMDeploy's own counters on the same /metrics agree with the replies' usage
+    assert m["lmdeploy:prompt_tokens_total"] == sum(r["prompt_tokens"] for r in on)
+    assert m["lmdeploy:cached_tokens_total"] == cached
 
 
 def test_metrics_agree_with_the_engine(served):

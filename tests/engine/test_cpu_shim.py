@@ -26,7 +26,8 @@ def test_the_shim_refuses_other_lmdeploy_versions():
 
 @pytest.mark.parametrize("field, value, what", [
     ("sliding_window", 128, "sliding-window"), ("alibi", True, "alibi"), ("logit_softcapping", 30.0, "softcapping"),
-    ("use_flash_mla", True, "MLA"), ("learnable_sink", True, "learnable sinks")])
+    ("use_flash_mla", True, "MLA"), ("mla_index_topk", 2048, "MLA"), ("learnable_sink", True, "learnable sinks"),
+    ("block_sparse_size", 4, "block-sparse")])
 def test_the_shim_refuses_attention_it_does_not_implement(engine_mode, field, value, what):
     if engine_mode != "cpu":
         pytest.skip("the shim is loaded in CPU mode only")
@@ -40,6 +41,18 @@ def test_the_shim_refuses_attention_it_does_not_implement(engine_mode, field, va
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("lmdeploy_on_cpu.ShimRefused: lmdeploy_on_cpu (test support): ") and what in last, last
+
+
+@pytest.mark.parametrize("policy", [16, 17, 42])
+def test_the_shim_refuses_fp8_and_turboquant_kv(engine_mode, policy):
+    if engine_mode != "cpu":
+        pytest.skip("the shim is loaded in CPU mode only")
+    r = _python("from types import SimpleNamespace\n"
+                "from lmdeploy.pytorch.backends import get_backend\n"
+                f"get_backend().update_step_context(SimpleNamespace(kv_quant_policy={policy}))")
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "ShimRefused" in last and f"KV quant policy {policy}" in last, last
 
 
 def test_the_shim_stays_out_of_processes_without_its_switch():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import EngineRuns, get
+from conftest import EngineRuns, engine_env, get
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def paths(tiny_model_dir, tmp_path_factory, engine_mode, run_notes) -> dict:
     jobs = {"paths": ["tests/engine/engine_paths.py", "--model", tiny_model_dir]}
     if engine_mode == "gpu":
         jobs["paths-graphs"] = jobs["paths"] + ["--graphs"]
-    results = EngineRuns(tmp_path_factory.mktemp("engine-paths"), parallel=2, timeout=400).run(jobs)
+    results = EngineRuns(tmp_path_factory.mktemp("engine-paths"), parallel=2, timeout=400).run(jobs, engine_env())
     for name, res in results.items():
         if isinstance(res, dict):
             run_notes.append(f"{engine_mode} {name}: preemptions {res['phases']['preempt']['preemptions']}, host "
@@ -34,7 +34,13 @@ def test_balanced_after(paths, phase):
 
 
 @pytest.mark.parametrize("phase", ["preempt", "after", "second"])
-def test_tokens_equal_the_never_evicting_reference(paths, phase):
+def test_tokens_equal_the_never_evicting_reference(paths, phase, engine_mode):
+    """The reference computes these conversations in other batches (and never
+    recomputes a preempted prefix): equal tokens rest on the CPU shim's
+    batch-invariant numerics (docs/testing.md); a GPU run checks balance and
+    restores only."""
+    if engine_mode == "gpu":
+        pytest.skip("other batches than the reference: token equality is verified on CPU")
     for res in _runs(paths):
         on, ref = res["phases"][phase]["turns"], res["ref"][phase]
         assert len(on) == len(ref) > 0
@@ -56,9 +62,18 @@ def test_streams_were_cancelled_mid_decode(paths):
 
 
 def test_sleep_forgets_host_entries_and_wakeup_serves_again(paths):
+    """After wakeup the rebuilt pools are saved to and restored from again."""
     for res in _runs(paths):
-        assert res["phases"]["sleep"]["host"]["host_slots_used"] == 0, res["phases"]["sleep"]["host"]
-        assert res["phases"]["after"]["host"]["host_blocks_saved"] > res["phases"]["sleep"]["host"]["host_blocks_saved"]
+        slept, after = res["phases"]["sleep"]["host"], res["phases"]["after"]["host"]
+        assert slept["host_slots_used"] == 0, slept
+        assert after["host_blocks_saved"] > slept["host_blocks_saved"], (slept, after)
+        assert after["host_blocks_restored"] > slept["host_blocks_restored"], (slept, after)
+
+
+def test_a_second_engine_in_the_process_restores_into_its_own_pools(paths):
+    for res in _runs(paths):
+        host = res["phases"]["second"]["host"]
+        assert host["host_blocks_restored"] > 0 and host["host_hit_tokens"] > 0, host
 
 
 def test_a_closed_engine_leaves_no_rank_store(paths):

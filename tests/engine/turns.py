@@ -45,15 +45,17 @@ import tiny_model  # noqa: E402
 SYSTEM_TOKENS = 150
 
 
-def make_plan(word_ids: list[int], sessions: int, turns: int, seed: int = 1234) -> dict:
-    """Token ids of the shared system prompt and of every user message."""
+def make_plan(word_ids: list[int], sessions: int, turns: int, seed: int = 1234, reply_tokens: int = 16) -> dict:
+    """Token ids of the shared system prompt, of every user message, and of
+    fixed replies (used instead of the generated ones with --fixed-replies)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     system = rng.choice(word_ids, SYSTEM_TOKENS).tolist()
     users = [[rng.choice(word_ids, int(rng.integers(150, 260))).tolist() for _ in range(turns)]
              for _ in range(sessions)]
-    return {"system": system, "users": users}
+    replies = [[rng.choice(word_ids, reply_tokens).tolist() for _ in range(turns)] for _ in range(sessions)]
+    return {"system": system, "users": users, "replies": replies}
 
 
 def prompt_ids(special: dict[str, int], plan: dict, history: list[tuple[list[int], list[int]]],
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
         corrupt_restores()
     tok = AutoTokenizer.from_pretrained(args.model)
     special = {s: tok.convert_tokens_to_ids(s) for s in tiny_model.SPECIAL}
-    plan = make_plan(tiny_model.word_ids(tok), args.sessions, args.turns, args.seed)
+    plan = make_plan(tiny_model.word_ids(tok), args.sessions, args.turns, args.seed, args.max_new_tokens)
     pipe = pipeline(args.model, backend_config=engine_config(args), log_level="WARNING")
     t_built = time.perf_counter()
     engine = pipe.async_engine
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
         else:
             results = [call(_generate(engine, ids, gen)) for ids in prompts]
         for s, (ids, r) in enumerate(zip(prompts, results)):
-            history[s].append((plan["users"][s][t], r["tokens"]))
+            reply = plan["replies"][s][t] if args.fixed_replies else r["tokens"]
+            history[s].append((plan["users"][s][t], reply))
             turns.append({"session": s, "turn": t, "input_len": len(ids), **r})
     t_done = time.perf_counter()
     # The API server's path (AsyncEngine -> Engine.get_schedule_metrics), on the engine's loop.
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     result = {
         "config": {k: getattr(args, k) for k in ("quant_policy", "gpu_blocks", "host_cache_ratio", "write_policy",
                                                  "sessions", "turns", "max_new_tokens", "eager", "concurrent",
-                                                 "fault")},
+                                                 "fault", "fixed_replies")},
         "lmdeploy": lmdeploy.__version__, "patch": patch, "metrics": metrics, "turns": turns,
         "seconds": {"import_and_build": round(t_built - t0, 2), "requests": round(t_done - t_built, 2)},
     }
@@ -188,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true", help="eager_mode=True (no CUDA graphs)")
     p.add_argument("--concurrent", action="store_true", help="a turn's requests of all sessions in flight together")
     p.add_argument("--fault", choices=["corrupt-restores"], default=None, help="test-only fault (negative control)")
+    p.add_argument("--fixed-replies", action="store_true",
+                   help="resend the plan's fixed replies, not the generated ones: the prompts then do not depend on "
+                        "what was generated (GPU runs whose numerics depend on the batch)")
     p.add_argument("--request-timeout", type=float, default=120.0)
     args = p.parse_args(argv)
     try:

@@ -146,12 +146,6 @@ def _patch_torch_cuda(torch: Any) -> None:
     torch._C._cuda_clearCublasWorkspaces = lambda: None
 
 
-class _CudaAsCpu:
-    """Factory for the TorchFunctionMode (built once torch is imported)."""
-
-    mode: Any = None
-
-
 def _is_cuda(device: Any) -> bool:
     if isinstance(device, bool):
         return False
@@ -214,9 +208,7 @@ def _build_backend() -> type:
 
     @dataclass
     class CpuAttentionMetadata(AttentionMetadata):
-        kv_start_loc: torch.Tensor = None
-        max_q_seqlen: int = None
-        max_kv_seqlen: int = None
+        """What the plain-torch attention reads: LMDeploy's base fields."""
 
     class Float64Linear(LinearImpl):
         def forward(self, x, weight, bias=None, all_reduce=False, group=None, rank=0, scatter_size=None):
@@ -340,13 +332,16 @@ def _build_backend() -> type:
     return CpuTestOpsBackend
 
 
-def _patch_lmdeploy() -> None:
+def _check_version() -> None:
     import importlib.metadata
 
     version = importlib.metadata.version("lmdeploy")
     if version != EXPECTED_LMDEPLOY:
         raise ShimRefused(f"lmdeploy_on_cpu (test support) is written for LMDeploy {EXPECTED_LMDEPLOY}, "
                           f"found {version}: pin lmdeploy=={EXPECTED_LMDEPLOY}")
+
+
+def _patch_lmdeploy() -> None:
     import lmdeploy.utils
     from lmdeploy.pytorch import config as pt_config
     from lmdeploy.pytorch.backends import selector
@@ -370,13 +365,13 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    _check_version()  # before anything is patched
     os.environ["LMDEPLOY_ENABLE_CHECK_ENV"] = "0"
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     import torch
 
     _patch_torch_cuda(torch)
-    _CudaAsCpu.mode = _build_mode(torch)
-    _enter_mode_in_every_thread(_CudaAsCpu.mode)
+    _enter_mode_in_every_thread(_build_mode(torch))
     _patch_lmdeploy()
     _installed = True
 

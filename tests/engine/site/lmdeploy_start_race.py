@@ -6,8 +6,9 @@ down) as soon as it has read the engine process's RPC port, while the engine
 process may still be waiting for the reply to releasing the Manager's
 Condition it used to publish that port. When the Manager goes first, the
 engine process dies with EOFError from managers.py before it built
-anything, and the server never starts. Seen here in about one start in
-three or four on a busy 2-core machine, with or without the host tier.
+anything, and the server never starts. Seen on a busy 2-core machine in
+between 1 start in 10 and 1 in 3, with or without the host tier (the
+benchmark's ApiServer retries such a start instead: benchmark/server_client.py).
 
 The fix: the engine process's `with condition:` tolerates a Manager that is
 gone on release; the port was published and the parent has read it. Loaded

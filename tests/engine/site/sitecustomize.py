@@ -1,8 +1,9 @@
 """Loads test support into every interpreter started with this folder on
 PYTHONPATH (tests/engine/conftest.py engine_env() does it for the engine
 processes, and they pass it on to what they spawn, such as the API server's
-engine process). A .pth file cannot: it runs before site-packages, where
-torch and LMDeploy live, are on sys.path.
+engine process). Not a .pth file: Python reads those only from site
+directories, so one would have to be installed beside the package, where
+it would load into every process of the machine.
 
   HOSTCACHE_TEST_LMDEPLOY_ON_CPU=1  lmdeploy_on_cpu: the real engine without a GPU
   HOSTCACHE_TEST_START_RACE=1       lmdeploy_start_race: LMDeploy's API-server start race
