@@ -371,7 +371,7 @@ def plot(runs: dict[str, dict], out_dir: str) -> list[str]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CostModel]:
     cost = cost_model_defaults()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -427,14 +427,22 @@ def main(argv: list[str] | None = None) -> int:
     cost = CostModel(args.prefill_tok_s, args.decode_step_ms / 1e3, args.copy_gbps,
                      cost.source if (args.prefill_tok_s, args.copy_gbps) == (cost.prefill_tok_s, cost.copy_gbps)
                      else "command line")
+    return args, cost
 
-    t0 = time.perf_counter()
+
+def main(argv: list[str] | None = None) -> int:
+    args, cost = parse_args(argv)
     if args.pipeline:
-        runs = run_pipeline_mode(args)
-        return report_measured(args, runs, "in-process pipeline")
+        return report_measured(args, run_pipeline_mode(args), "in-process pipeline")
     if args.server or args.url:
         os.makedirs(args.log_dir, exist_ok=True)
         return report_measured(args, run_server_mode(args), "api_server")
+    return run_replay_mode(args, cost)
+
+
+def run_replay_mode(args: argparse.Namespace, cost: CostModel) -> int:
+    """The CPU replay: tier off and on (or the scenario's runs), table, JSON, plots."""
+    t0 = time.perf_counter()
     users = build_users(args)
     ws = working_set_blocks(users, args.block_size)
     live = int(np.mean(ws) * min(args.concurrency, len(users)))
@@ -472,13 +480,16 @@ def main(argv: list[str] | None = None) -> int:
     print_table(runs)
     print(f"# {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"scenario": args.scenario, "config": config, "cost_model": vars(cost), **runs}, f)
-        plots = plot(runs, args.plots or os.path.dirname(os.path.abspath(args.json)))
-        for p in plots:
-            print(f"# plot: {p}", file=sys.stderr)
+        write_replay_json(args, config, cost, runs)
     return 0
+
+
+def write_replay_json(args: argparse.Namespace, config: dict, cost: CostModel, runs: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"scenario": args.scenario, "config": config, "cost_model": vars(cost), **runs}, f)
+    for p in plot(runs, args.plots or os.path.dirname(os.path.abspath(args.json))):
+        print(f"# plot: {p}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -115,111 +115,7 @@ class ReplayEngine:
             progress: Optional[Callable[[int, int], None]] = None, ramp_s: float = 0.0) -> ReplayResult:
         """ramp_s spreads the first `concurrency` users' arrivals evenly over
         that many seconds (later users start when one finishes)."""
-        rng = np.random.default_rng(seed)
-        # Drawn up front per (user, turn), so runs that finish turns in a
-        # different order (tier off and on) still give every user the same pauses.
-        think = [rng.exponential(think_s, size=len(u.turns)) if think_s > 0 else np.zeros(len(u.turns))
-                 for u in users]
-        sched, res = self.scheduler, ReplayResult()
-        wall0 = time.perf_counter()
-        now = 0.0
-        arrivals: list[tuple[float, int]] = []  # (time, uid) of each user's next turn
-        queue = list(range(len(users)))[::-1]  # users not started yet
-        for _ in range(min(concurrency, len(users))):
-            uid = queue.pop()
-            heapq.heappush(arrivals, (ramp_delay(uid, concurrency, len(users), ramp_s), uid))
-        waiting: dict[int, User] = {}  # id(seq) -> user, turns not yet prefilled
-        running: list = []
-        owner: dict[int, User] = {}
-        total_turns = sum(len(u.turns) for u in users)
-
-        def start_turn(user: User) -> None:
-            msg, _ = user.turns[user.turn]
-            user.seq = self.loop.start_turn(user.uid, msg, user.seq)
-            user.arrival, user.first_token_at, user.reply_pos = now, None, 0
-            waiting[id(user.seq)] = user
-            owner[id(user.seq)] = user
-
-        def finish_turn(user: User) -> None:
-            user.seq.finish()
-            res.requests += 1
-            user.turn += 1
-            if user.turn < len(user.turns):
-                heapq.heappush(arrivals, (now + float(think[user.uid][user.turn - 1]), user.uid))
-            else:
-                sched.end_session(user.uid)
-                if queue:
-                    heapq.heappush(arrivals, (now, queue.pop()))
-            if progress:
-                progress(res.requests, total_turns)
-
-        def emit_token(seq, prefill: bool) -> None:
-            """The forward's sampled token is the reply's next token."""
-            user = owner[id(seq)]
-            _, reply = user.turns[user.turn]
-            self.loop.append(seq, int(reply[user.reply_pos]), prefill)
-            user.reply_pos += 1
-            user.last_token_at = now
-            res.output_tokens += 1
-            if user.reply_pos >= len(reply):
-                finish_turn(user)
-            else:
-                running.append(seq)
-
-        while arrivals or waiting or running:
-            while arrivals and arrivals[0][0] <= now:
-                start_turn(users[heapq.heappop(arrivals)[1]])
-            stepped = False
-            if waiting:
-                batch = self.loop.admit()
-                if batch:
-                    stepped = True
-                    plan, host_hits = self._step
-                    restore_bytes, save_bytes = self._plan_bytes(plan, res)
-                    computed = 0
-                    for seq in batch:
-                        waiting.pop(id(seq), None)
-                        host = host_hits.get(seq.seq_id, 0)
-                        res.tokens_host_hit += host
-                        res.tokens_gpu_hit += seq.num_history_ids - host
-                        res.tokens_recomputed += seq.num_all_ids - seq.num_history_ids
-                        res.prompt_tokens += seq.num_all_ids
-                        computed += seq.num_all_ids - seq.num_history_ids
-                    # Restores run before the model and the model waits for them;
-                    # saves delay the next forward (copy_plan.py): both add here.
-                    dt = self.cost.prefill_s(computed) + self.cost.copy_s(restore_bytes + save_bytes)
-                    res.restore_seconds += self.cost.copy_s(restore_bytes)
-                    now += dt
-                    for seq in batch:
-                        user = owner[id(seq)]
-                        if user.first_token_at is None:
-                            user.first_token_at = now
-                            res.ttft.append(now - user.arrival)
-                        emit_token(seq, prefill=True)
-            if running:
-                stepped = True
-                keep, preempted = self.loop.decode(running)
-                for s in preempted:  # back to waiting, its tokens so far kept
-                    res.preemptions += 1
-                    waiting[id(s)] = owner[id(s)]
-                restore_bytes, save_bytes = self._plan_bytes(self._step[0], res)
-                now += self.cost.decode_step_s + self.cost.copy_s(restore_bytes + save_bytes)
-                running = []
-                for seq in keep:
-                    res.itl.append(now - owner[id(seq)].last_token_at)
-                    emit_token(seq, prefill=False)
-            if stepped:
-                used = self.tier.index.used if self.tier else 0
-                res.timeline.append((now, res.tokens_gpu_hit, res.tokens_host_hit, res.tokens_recomputed, used))
-            elif arrivals:
-                now = max(now, arrivals[0][0])
-            elif waiting:
-                raise RuntimeError("the scheduler admits nothing: the GPU cache is too small for one request")
-        res.sim_seconds = now
-        res.wall_seconds = time.perf_counter() - wall0
-        if self.tier is not None:
-            res.host = self.tier.metrics()
-        return res
+        return _Replay(self, users, concurrency, think_s, seed, progress, ramp_s).run()
 
     def _forward(self, batch: list, plan, prefill: bool, host_tokens: dict) -> None:
         """No model: the plan and host hits are what the step's cost is counted from."""
@@ -234,3 +130,126 @@ class ReplayEngine:
         res.bytes_restored += restore
         res.bytes_saved += saves
         return restore, saves
+
+
+class _Replay:
+    """One replay: users arriving, thinking and taking turns on one ReplayEngine's clock."""
+
+    def __init__(self, engine: ReplayEngine, users: list[User], concurrency: int, think_s: float, seed: int,
+                 progress: Optional[Callable[[int, int], None]], ramp_s: float):
+        rng = np.random.default_rng(seed)
+        # Drawn up front per (user, turn), so runs that finish turns in a
+        # different order (tier off and on) still give every user the same pauses.
+        self.think = [rng.exponential(think_s, size=len(u.turns)) if think_s > 0 else np.zeros(len(u.turns))
+                      for u in users]
+        self.engine, self.loop, self.cost = engine, engine.loop, engine.cost
+        self.users, self.progress = users, progress
+        self.res = ReplayResult()
+        self.now = 0.0
+        self.arrivals: list[tuple[float, int]] = []  # (time, uid) of each user's next turn
+        self.queue = list(range(len(users)))[::-1]  # users not started yet
+        for _ in range(min(concurrency, len(users))):
+            uid = self.queue.pop()
+            heapq.heappush(self.arrivals, (ramp_delay(uid, concurrency, len(users), ramp_s), uid))
+        self.waiting: dict[int, User] = {}  # id(seq) -> user, turns not yet prefilled
+        self.running: list = []
+        self.owner: dict[int, User] = {}
+        self.total_turns = sum(len(u.turns) for u in users)
+
+    def run(self) -> ReplayResult:
+        res, wall0 = self.res, time.perf_counter()
+        while self.arrivals or self.waiting or self.running:
+            while self.arrivals and self.arrivals[0][0] <= self.now:
+                self.start_turn(self.users[heapq.heappop(self.arrivals)[1]])
+            stepped = self.prefill_step() if self.waiting else False
+            if self.running:
+                self.decode_step()
+                stepped = True
+            if stepped:
+                used = self.engine.tier.index.used if self.engine.tier else 0
+                res.timeline.append((self.now, res.tokens_gpu_hit, res.tokens_host_hit, res.tokens_recomputed, used))
+            elif self.arrivals:
+                self.now = max(self.now, self.arrivals[0][0])
+            elif self.waiting:
+                raise RuntimeError("the scheduler admits nothing: the GPU cache is too small for one request")
+        res.sim_seconds = self.now
+        res.wall_seconds = time.perf_counter() - wall0
+        if self.engine.tier is not None:
+            res.host = self.engine.tier.metrics()
+        return res
+
+    def start_turn(self, user: User) -> None:
+        msg, _ = user.turns[user.turn]
+        user.seq = self.loop.start_turn(user.uid, msg, user.seq)
+        user.arrival, user.first_token_at, user.reply_pos = self.now, None, 0
+        self.waiting[id(user.seq)] = user
+        self.owner[id(user.seq)] = user
+
+    def finish_turn(self, user: User) -> None:
+        user.seq.finish()
+        self.res.requests += 1
+        user.turn += 1
+        if user.turn < len(user.turns):
+            heapq.heappush(self.arrivals, (self.now + float(self.think[user.uid][user.turn - 1]), user.uid))
+        else:
+            self.engine.scheduler.end_session(user.uid)
+            if self.queue:
+                heapq.heappush(self.arrivals, (self.now, self.queue.pop()))
+        if self.progress:
+            self.progress(self.res.requests, self.total_turns)
+
+    def emit_token(self, seq, prefill: bool) -> None:
+        """The forward's sampled token is the reply's next token."""
+        user = self.owner[id(seq)]
+        _, reply = user.turns[user.turn]
+        self.loop.append(seq, int(reply[user.reply_pos]), prefill)
+        user.reply_pos += 1
+        user.last_token_at = self.now
+        self.res.output_tokens += 1
+        if user.reply_pos >= len(reply):
+            self.finish_turn(user)
+        else:
+            self.running.append(seq)
+
+    def prefill_step(self) -> bool:
+        """One admission forward; False when LMDeploy admitted nothing."""
+        res = self.res
+        batch = self.loop.admit()
+        if not batch:
+            return False
+        plan, host_hits = self.engine._step
+        restore_bytes, save_bytes = self.engine._plan_bytes(plan, res)
+        computed = 0
+        for seq in batch:
+            self.waiting.pop(id(seq), None)
+            host = host_hits.get(seq.seq_id, 0)
+            res.tokens_host_hit += host
+            res.tokens_gpu_hit += seq.num_history_ids - host
+            res.tokens_recomputed += seq.num_all_ids - seq.num_history_ids
+            res.prompt_tokens += seq.num_all_ids
+            computed += seq.num_all_ids - seq.num_history_ids
+        # Restores run before the model and the model waits for them; saves
+        # delay the next forward (lmdeploy_patch/rank_tier.py): both add here.
+        self.now += self.cost.prefill_s(computed) + self.cost.copy_s(restore_bytes + save_bytes)
+        res.restore_seconds += self.cost.copy_s(restore_bytes)
+        for seq in batch:
+            user = self.owner[id(seq)]
+            if user.first_token_at is None:
+                user.first_token_at = self.now
+                res.ttft.append(self.now - user.arrival)
+            self.emit_token(seq, prefill=True)
+        return True
+
+    def decode_step(self) -> None:
+        """One decode forward of everything running; preempted turns wait again."""
+        res = self.res
+        keep, preempted = self.loop.decode(self.running)
+        for s in preempted:  # back to waiting, its tokens so far kept
+            res.preemptions += 1
+            self.waiting[id(s)] = self.owner[id(s)]
+        restore_bytes, save_bytes = self.engine._plan_bytes(self.engine._step[0], res)
+        self.now += self.cost.decode_step_s + self.cost.copy_s(restore_bytes + save_bytes)
+        self.running = []
+        for seq in keep:
+            res.itl.append(self.now - self.owner[id(seq)].last_token_at)
+            self.emit_token(seq, prefill=False)
