@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kv_layouts import KVPool, KVShape
-from lmdeploy_hostcache import HostCache, HostCacheConfig
+from lmdeploy_hostcache import HostCache, HostCacheConfig, slot_stride
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -19,7 +19,7 @@ def test_random_use_keeps_bytes_and_pins_right(seed):
     pool = KVPool(KVShape(dtype="int4", layers=2, heads=1, head_dim=32), num_blocks=48, seed=seed)
     slot = sum(r.bytes for r in pool.regions())
     cache = HostCache.from_tensors(
-        HostCacheConfig(capacity_bytes=int(rng.integers(6, 20)) * ((slot + 255) // 256 * 256), cpu_workers=2,
+        HostCacheConfig(capacity_bytes=int(rng.integers(6, 20)) * slot_stride(slot), cpu_workers=2,
                         checksum=True), pool.tensors, pool.block_dim)
     # conversations: a prompt grows turn by turn, so prefixes are shared
     convs = [rng.integers(0, 50, size=64 * 6, dtype=np.int32) for _ in range(5)]

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from kv_layouts import KVPool, KVShape
-from lmdeploy_hostcache import MiB, HostCache, HostCacheConfig
+from lmdeploy_hostcache import MiB, HostCache, HostCacheConfig, slot_stride
 
 LAYOUTS = [(dt, lay) for dt in ("bf16", "int8", "int4") for lay in ("packed", "separate")]
 
 
 def make_cache(pool: KVPool, slots: int, **kw) -> HostCache:
     slot_bytes = sum(r.bytes for r in pool.regions())
-    stride = (slot_bytes + 255) // 256 * 256
+    stride = slot_stride(slot_bytes)
     cfg = HostCacheConfig(capacity_bytes=slots * stride, block_tokens=pool.shape.block_size, **kw)
     return HostCache.from_tensors(cfg, pool.tensors, block_dim=pool.block_dim)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from kv_layouts import KVPool, KVShape
-from lmdeploy_hostcache import HostCacheConfig, SlotStore
+from lmdeploy_hostcache import HostCacheConfig, SlotStore, slot_stride
 from slot_chain import run_chain
 
 
@@ -12,7 +12,7 @@ from slot_chain import run_chain
 def test_slot_round_trip(dtype):
     pool = KVPool(KVShape(dtype=dtype), num_blocks=16)
     slot = sum(r.bytes for r in pool.regions())
-    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=8 * ((slot + 255) // 256 * 256)), pool.tensors,
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=8 * slot_stride(slot)), pool.tensors,
                                    pool.block_dim)
     assert store.num_slots == 8 and store.slot_bytes == slot
     saved = [pool.block_bytes(b) for b in (3, 4, 5)]
@@ -33,7 +33,7 @@ def test_copies_chained_through_shared_slots_and_blocks_keep_submission_order(se
     # 1 MiB blocks: transfers big enough that the workers run several at once
     pool = KVPool(KVShape(heads=8, head_dim=128), num_blocks=12, seed=seed)
     slot = sum(r.bytes for r in pool.regions())
-    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=10 * ((slot + 255) // 256 * 256), cpu_workers=2),
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=10 * slot_stride(slot), cpu_workers=2),
                                    pool.tensors, pool.block_dim)
     assert run_chain(store, pool.block_bytes, 12, seed) > 120
 
@@ -47,3 +47,9 @@ def test_slot_store_bad_input():
         store.restore([0], [4])
     with pytest.raises(ValueError, match="2 slots but 1 device blocks"):
         store.offload([0, 1], [0])
+
+
+def test_a_setting_the_store_cannot_keep_is_refused():
+    pool = KVPool(KVShape(dtype="bf16"), num_blocks=4)
+    with pytest.raises(ValueError, match="checksum=True needs the index: use HostCache"):
+        SlotStore.from_tensors(HostCacheConfig(capacity_bytes=1 << 24, checksum=True), pool.tensors, pool.block_dim)

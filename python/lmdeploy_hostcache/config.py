@@ -28,7 +28,8 @@ class HostCacheConfig:
     """Settings of one host tier (one rank).
 
     capacity_bytes: host pool size; slots of one block each are cut from it.
-    block_tokens: tokens per KV block (LMDeploy's block_size, 64 by default).
+    block_tokens: tokens per KV block (LMDeploy's block_size, 64 by default);
+        HostCache only (a SlotStore addresses slots, not tokens).
     device: where the registered regions live: 'cpu', 'cuda' or 'cuda:N';
         None takes it from the tensors given to HostCache.from_tensors.
     pin: 'lazy' pins chunks of the pool as slots come into use, 'eager' pins
@@ -37,7 +38,8 @@ class HostCacheConfig:
     copy_path: CUDA only: 'kernel' (one gather/scatter kernel per transfer)
         or 'memcpy' (batched cudaMemcpyAsync).
     cpu_workers: threads copying CPU regions (0 copies synchronously).
-    checksum: verify every restored block against a checksum taken at offload.
+    checksum: verify every restored block against a checksum taken at
+        offload; HostCache only (a SlotStore refuses it).
     reserve_bytes: RAM the pool must leave to the rest of the machine.
     capacity_setting: the user-facing name of the size setting, for errors.
     """

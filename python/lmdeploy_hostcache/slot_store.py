@@ -52,6 +52,11 @@ class StoreTransfer:
 
 class SlotStore:
     def __init__(self, config: HostCacheConfig, regions: Sequence[Union[Region, tuple]], num_device_blocks: int):
+        if config.checksum:
+            # A setting the store would otherwise silently ignore: checksums
+            # are taken and checked where the index is (HostCache).
+            raise ValueError("checksum=True needs the index: use HostCache, or compare SlotStore.slot_view(slot) "
+                             "with the device block yourself; a SlotStore only copies")
         opts, triples, cuda, device = core_options(config, regions, num_device_blocks, _core.StoreOptions())
         self.config = config
         self.num_device_blocks = num_device_blocks

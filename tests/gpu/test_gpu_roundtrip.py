@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdeploy_hostcache import HostCache, HostCacheConfig, SlotStore, build_info
+from lmdeploy_hostcache import HostCache, HostCacheConfig, SlotStore, build_info, slot_stride
 from slot_chain import run_chain
 
 pytestmark = pytest.mark.skipif(not (build_info()["gpu_usable"] and torch.cuda.is_available()),
@@ -31,7 +31,7 @@ def block_bytes(pool: torch.Tensor, b: int) -> bytes:
 
 def make_cache(pool: torch.Tensor, slots: int, **kw) -> HostCache:
     slot = pool.shape[0] * pool.shape[2]
-    cfg = HostCacheConfig(capacity_bytes=slots * ((slot + 255) // 256 * 256), checksum=True, **kw)
+    cfg = HostCacheConfig(capacity_bytes=slots * slot_stride(slot), checksum=True, **kw)
     return HostCache.from_tensors(cfg, [pool], block_dim=1)
 
 
@@ -146,7 +146,7 @@ def test_chained_copies_keep_order_across_the_copy_streams(path, streams, monkey
     monkeypatch.setenv("HOSTCACHE_COPY_STREAMS", streams)
     pool = gpu_pool("int4", 24, seed=7)
     slot = pool.shape[0] * pool.shape[2]
-    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=16 * ((slot + 255) // 256 * 256), copy_path=path),
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=16 * slot_stride(slot), copy_path=path),
                                    [pool], 1)
     busy = {"offload": torch.cuda.Stream(), "restore": torch.cuda.Stream()}
     rng = np.random.default_rng(13)
