@@ -30,7 +30,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_copy_engine.h"
+#include "cuda_helpers.h"
 #include "cuda_support.h"
 #include "errors.h"
 

@@ -1,7 +1,7 @@
 // Device discovery and host-memory pinning for the CUDA build.
 #include <cuda_runtime_api.h>
 
-#include "cuda_copy_engine.h"
+#include "cuda_helpers.h"
 #include "cuda_support.h"
 #include "errors.h"
 
