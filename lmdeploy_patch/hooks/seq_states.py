@@ -1,5 +1,6 @@
 """lmdeploy.pytorch.paging.seq_states.states.SequenceLifecycle.release_paging_resources:
-preemption, stop and end give a sequence's blocks back; the tier drops the
+a sequence's blocks go back (the scheduler reclaiming them under memory
+pressure, an admission rollback's reset, end_session); the tier drops the
 slot pins of a restore that will never be planned."""
 from __future__ import annotations
 
