@@ -4,8 +4,10 @@
 
 Figures (all in one run, so ratios compare like with like):
   index_{match,insert,evict}_us_{1k,8k,32k,128k}  a match from Python as LMDeploy's scheduler
-      side makes it (TierIndex.match with pins, then their release), and the core index's
-      insert/evict of a whole prompt (64-token blocks)
+      side makes it at admission (TierIndex.match with pins, and their release), and the
+      core index's insert/evict of a whole prompt (64-token blocks)
+  index_restore_settle_us_*   what the scheduler side adds per host hit when it takes the
+      plan: the restore begun and settled in the index (begin_restore + restored)
   index_match_core_us_*       the same match without the Python call around it
   python_dict_match_us_*      a plain Python chained-hash dict (nano-vllm style, C xxhash)
   index_match_speedup_vs_python_*
@@ -110,8 +112,8 @@ def bench_index(quick: bool) -> dict:
         assert ix.match_count(ROOT_KEY, 0, tokens) == blocks
         out[f"index_match_core_us_{name}"] = median_us(lambda: ix.match_count(ROOT_KEY, 0, tokens), reps * 5)
 
-        # What the scheduler side does per admission (lmdeploy_patch/scheduler_tier.py):
-        # a pinning match from Python, its pins released once the restore is planned.
+        # What the scheduler side does per host hit (lmdeploy_patch/scheduler_tier.py):
+        # a pinning match at admission; the restore begun and settled when the plan is taken.
         tier = _core.TierIndex(blocks + 8, BLOCK)
         parent = ROOT_KEY
         for b in range(blocks):
@@ -125,6 +127,17 @@ def bench_index(quick: bool) -> dict:
 
         assert engine_match() == blocks
         out[f"index_match_us_{name}"] = median_us(engine_match, reps * 5)
+        pinned: dict = {}
+
+        def pin_match():
+            pinned["slots"] = tier.match(ROOT_KEY, 0, tokens, True)[1]
+
+        def settle():
+            tier.begin_restore(pinned["slots"], True)
+            tier.restored(pinned["slots"], True, True)
+
+        out[f"index_restore_settle_us_{name}"] = median_us(settle, reps * 5, pin_match)
+        tier.check_invariants()
 
         py = PyChainedDict(BLOCK)
         py.insert(tokens)

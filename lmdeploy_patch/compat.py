@@ -61,9 +61,9 @@ def disable(reason: str) -> None:
     """Undo every patch and say why, once."""
     STATE.patcher.revert()
     if STATE.enabled is not False:
-        import logging
+        from .log import logger
 
-        logging.getLogger("lmdeploy_hostcache").warning("lmdeploy-hostcache: host cache unavailable, LMDeploy left untouched: %s", reason)
+        logger.warning("lmdeploy-hostcache: host cache unavailable, LMDeploy left untouched: %s", reason)
     STATE.enabled, STATE.reason = False, reason
     STATE.applied.clear()
 
@@ -85,12 +85,6 @@ def require_params(fn: Callable, expected: Sequence[str], where: str) -> Callabl
     if params[: len(expected)] != list(expected):
         raise IncompatibleLMDeploy(f"{where} has parameters {params}, expected {list(expected)}")
     return fn
-
-
-def hooked(owner: Any, name: str, params: Sequence[str], where: str) -> Callable:
-    """LMDeploy's `where.name`, checked to exist and to take `params` first:
-    the function a hook wraps."""
-    return require_params(require_attr(owner, name, where), params, f"{where}.{name}")
 
 
 def apply(name: str, patch: Callable[[], None]) -> None:

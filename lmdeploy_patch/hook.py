@@ -12,15 +12,17 @@ the names given: compat.require_params) and replaced through the patcher by
 a function that calls the wrapper with LMDeploy's original first. A failed
 check reverts every patch (compat.apply): LMDeploy then runs untouched.
 
-Kinds: "function" (a module function or method looked up as an attribute),
-"staticmethod" (kept a staticmethod), "property" (the getter is wrapped).
-Async originals get an async wrapper. The wrapper keeps the original's
-name and docstring (LMDeploy's CLI uses docstrings as help texts).
+Kinds: "function" (a module function or a plain method), "staticmethod"
+(kept a staticmethod), "property" (the getter is wrapped; setter and
+deleter kept). A declaration of the wrong kind is refused at install. An
+async wrapper (`async def`) makes an async replacement and must wrap an
+async original (LMDeploy decorates some, so the check unwraps them). The
+replacement keeps the original's name and docstring (LMDeploy's CLI uses
+docstrings as help texts).
 """
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 from typing import Any, Callable, Sequence
 
@@ -30,35 +32,50 @@ from .import_hooks import when_imported
 KINDS = ("function", "staticmethod", "property")
 
 
-def _resolve(module: Any, module_name: str, target: str) -> tuple[Any, str]:
+def _resolve(module: Any, module_name: str, target: str) -> tuple[Any, str, str]:
+    """(owner, attribute, the owner's qualified name for messages)."""
     *path, attr = target.split(".")
     owner, where = module, module_name
     for part in path:
         owner = require_attr(owner, part, where)
         where = f"{where}.{part}"
-    return owner, attr
+    return owner, attr, where
+
+
+def _descriptor(owner: Any, attr: str) -> Any:
+    """The attribute as stored (a staticmethod or property object, not what it yields)."""
+    if isinstance(owner, type):
+        for klass in owner.__mro__:
+            if attr in vars(klass):
+                return vars(klass)[attr]
+    return getattr(owner, attr)
 
 
 def original_of(owner: Any, attr: str, kind: str, params: Sequence[str], where: str) -> Callable:
     """LMDeploy's function behind `owner.attr`, checked."""
     require_attr(owner, attr, where)
-    raw = vars(owner).get(attr) if isinstance(owner, type) else getattr(owner, attr)
+    raw = _descriptor(owner, attr)
+    name = f"{where}.{attr}"
     if kind == "staticmethod":
         if not isinstance(raw, staticmethod):
-            raise IncompatibleLMDeploy(f"{where}.{attr} is no longer a staticmethod")
+            raise IncompatibleLMDeploy(f"{name} is no longer a staticmethod")
         raw = raw.__func__
     elif kind == "property":
         if not isinstance(raw, property):
-            raise IncompatibleLMDeploy(f"{where}.{attr} is no longer a property")
+            raise IncompatibleLMDeploy(f"{name} is no longer a property")
         raw = raw.fget
-    elif raw is None:  # inherited method
-        raw = getattr(owner, attr)
-    return require_params(raw, params, f"{where}.{attr}")
+    elif isinstance(raw, (staticmethod, classmethod, property)):
+        raise IncompatibleLMDeploy(f"{name} is a {type(raw).__name__}, not a plain function")
+    return require_params(raw, params, name)
 
 
 def install(owner: Any, attr: str, kind: str, original: Callable, wrapper: Callable) -> Callable:
     """Replaces owner.attr by `wrapper` bound to `original`; returns the replacement's function."""
-    if inspect.iscoroutinefunction(original):
+    import inspect  # here, not at the top: hook modules load at every interpreter start
+
+    if inspect.iscoroutinefunction(wrapper) != inspect.iscoroutinefunction(inspect.unwrap(original)):
+        raise IncompatibleLMDeploy(f"{original.__qualname__} and its hook disagree on being async")
+    if inspect.iscoroutinefunction(wrapper):
         @functools.wraps(original)
         async def hooked(*args: Any, **kwargs: Any) -> Any:
             return await wrapper(original, *args, **kwargs)
@@ -70,7 +87,7 @@ def install(owner: Any, attr: str, kind: str, original: Callable, wrapper: Calla
     if kind == "staticmethod":
         value = staticmethod(hooked)
     elif kind == "property":
-        value = property(hooked)
+        value = _descriptor(owner, attr).getter(hooked)
     STATE.patcher.setattr(owner, attr, value)
     return hooked
 
@@ -83,8 +100,8 @@ def wrap(module_name: str, target: str, params: Sequence[str], kind: str = "func
     def register(wrapper: Callable) -> Callable:
         def on_import(module: Any) -> None:
             def patch() -> None:
-                owner, attr = _resolve(module, module_name, target)
-                install(owner, attr, kind, original_of(owner, attr, kind, params, module_name), wrapper)
+                owner, attr, where = _resolve(module, module_name, target)
+                install(owner, attr, kind, original_of(owner, attr, kind, params, where), wrapper)
 
             apply(f"{module_name}:{target}", patch)
 

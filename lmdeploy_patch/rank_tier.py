@@ -186,43 +186,46 @@ def pin_mode() -> str:
 
 # ----- which rank store serves which cache engine (and which model agent built it)
 
-# Keyed by identity: a cache engine's stand-ins in tests (tensors) compare by value.
-_BY_CACHE_ENGINE: dict[int, WorkerTier] = {}
-_CACHE_ENGINE_OF: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()  # agent -> id(cache engine)
+# The agent holds its store (closed explicitly when its pools go: sleep,
+# close, rebuild); the forward path finds it by the cache engine it is given.
+_BY_AGENT: "weakref.WeakKeyDictionary[Any, WorkerTier]" = weakref.WeakKeyDictionary()
+_BY_CACHE_ENGINE: "weakref.WeakKeyDictionary[Any, WorkerTier]" = weakref.WeakKeyDictionary()
 
 
 def register(cache_engine: Any, worker: WorkerTier, agent: Any = None) -> None:
-    """`worker` executes the plans of forwards on `cache_engine`."""
-    key = id(cache_engine)
-    _BY_CACHE_ENGINE[key] = worker
-    try:  # an id may be reused once its object is gone: forget it then at the latest
-        weakref.finalize(cache_engine, _BY_CACHE_ENGINE.pop, key, None)
-    except TypeError:
-        pass
+    """`worker` executes the plans of forwards on `cache_engine` (of `agent`)."""
+    _BY_CACHE_ENGINE[cache_engine] = worker
     if agent is not None:
-        _CACHE_ENGINE_OF[agent] = key
+        _BY_AGENT[agent] = worker
 
 
 def worker_for(cache_engine: Any) -> Optional[WorkerTier]:
-    return _BY_CACHE_ENGINE.get(id(cache_engine))
+    try:
+        return _BY_CACHE_ENGINE.get(cache_engine)
+    except TypeError:  # None, or an object that cannot be weakly referenced
+        return None
 
 
 def unregister(cache_engine: Any) -> bool:
     """Waits for the copies of the store serving `cache_engine` and forgets it
     (its pools are about to go); True if there was one."""
-    return _drop(id(cache_engine)) if cache_engine is not None else False
-
-
-def _drop(key: Optional[int]) -> bool:
-    worker = _BY_CACHE_ENGINE.pop(key, None) if key is not None else None
+    worker = _BY_CACHE_ENGINE.pop(cache_engine, None) if cache_engine is not None else None
     if worker is None:
         return False
-    worker.close()
+    _forget(worker)
     return True
 
 
+def _forget(worker: WorkerTier) -> None:
+    for table in (_BY_AGENT, _BY_CACHE_ENGINE):
+        for key, w in list(table.items()):
+            if w is worker:
+                del table[key]
+    worker.close()
+
+
 def local_workers() -> list[WorkerTier]:
-    return list(_BY_CACHE_ENGINE.values())
+    return list({id(w): w for w in (*_BY_AGENT.values(), *_BY_CACHE_ENGINE.values())}.values())
 
 
 def local_wait_seconds() -> dict:
@@ -252,4 +255,8 @@ def attach_to_agent(agent: Any) -> None:
 def drop_from_agent(agent: Any) -> bool:
     """The agent's pools are about to go (sleep, close, rebuild): its store
     waits for its copies and is forgotten; True if it had one."""
-    return _drop(_CACHE_ENGINE_OF.pop(agent, None))
+    worker = _BY_AGENT.get(agent)
+    if worker is None:
+        return False
+    _forget(worker)
+    return True

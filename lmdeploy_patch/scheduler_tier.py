@@ -212,7 +212,10 @@ class HostTier:
             return
         cursor_record = _RECORDS.get(cursor)
         start = cursor.prefix_len
-        if cursor_record is None or cursor_record.key is None or seq.num_history_ids != start:
+        # A cursor left on a node the trie has since detached (no parent, not
+        # a root) continues nothing: its block is gone from the GPU trie.
+        detached = cursor.parent is None and cursor.block_id >= 0
+        if cursor_record is None or cursor_record.key is None or detached or seq.num_history_ids != start:
             return
         bs = self.block_size
         # Same bounds as LMDeploy's own walk: never the block holding the last
@@ -284,8 +287,7 @@ class HostTier:
             # planned (module docstring): later copies into these slots queue behind it.
             slots = pending.slots[taken]
             self.index.begin_restore(slots, True)
-            for slot in slots.tolist():
-                self.index.restored(slot, True, True)
+            self.index.restored(slots, True, True)
             restore += zip(slots.tolist(), np.asarray(physical)[taken].tolist())
         self.stats.blocks_restored += len(restore)
         return restore

@@ -26,18 +26,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from .log import logger
 from .settings import copy_host_cache_fields
 
-LOGGER_NAME = "lmdeploy_hostcache"
 FALLBACK_WARNING = (
     "lmdeploy-hostcache: %s asks for the host KV-cache tier, which TurboMind cannot host (its compiled "
     "engine has no KV-cache hooks); serving with the PyTorch engine and the same settings")
 
 
 def warn_fallback(what: str) -> None:
-    import logging
-
-    logging.getLogger(LOGGER_NAME).warning(FALLBACK_WARNING, what)
+    logger.warning(FALLBACK_WARNING, what)
 
 
 def is_turbomind_config(cfg: Any) -> bool:

@@ -130,12 +130,93 @@ def test_the_checks_can_fail():
     assert cycles(g)
 
 
-@pytest.mark.parametrize("layer", [0, 1, 4, 5])
-def test_what_loads_at_interpreter_start_imports_nothing_heavy(layer):
-    for path in PACKAGE.rglob("*.py"):
-        if layer_of(module_name(path)) == layer:
-            heavy = imports_of(path)[1] & set(HEAVY)
-            assert not heavy, f"{path.relative_to(PACKAGE.parent)} imports {heavy} at module level"
+def module_level_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(top-level names imported, lmdeploy_patch modules imported) by what runs
+    when the module is imported: its body, try/if/with blocks included, not
+    function or class bodies."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else (name.rsplit(".", 1)[0] if "." in name else "")
+    external, ours = set(), set()
+
+    def visit(stmts):
+        for node in stmts:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    (ours.add(a.name.removeprefix("lmdeploy_patch").strip("."))
+                     if a.name.split(".")[0] == "lmdeploy_patch" else external.add(a.name.split(".")[0]))
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".") if package else []
+                    base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                    target = ".".join([*base, node.module] if node.module else base)
+                    ours.update({target} | {f"{target}.{a.name}".strip(".") for a in node.names})
+                elif node.module and node.module.split(".")[0] == "lmdeploy_patch":
+                    base = node.module.removeprefix("lmdeploy_patch").strip(".")
+                    ours.update({base} | {f"{base}.{a.name}".strip(".") for a in node.names})
+                elif node.module:
+                    external.add(node.module.split(".")[0])
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list):
+                    visit(inner)
+
+    visit(ast.parse(path.read_text()).body)
+    return external, {m for m in ours if is_module(m)}
+
+
+def loaded_at_start() -> set[str]:
+    """Every lmdeploy_patch module an interpreter imports at start: the .pth's
+    _activate, registry, each hook module it lists, and what they import."""
+    from lmdeploy_patch.registry import HOOK_MODULES
+
+    todo = ["_activate", "registry", "hooks"] + [f"hooks.{m}" for m in HOOK_MODULES]
+    seen: set[str] = set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        path = PACKAGE / (mod.replace(".", "/") + ".py")
+        path = path if path.exists() else PACKAGE / mod.replace(".", "/") / "__init__.py"
+        todo += sorted(module_level_imports(path)[1] | ({""} if mod else set()))
+    return seen
+
+
+def test_what_loads_at_interpreter_start_imports_nothing_heavy():
+    start = loaded_at_start()
+    assert {"registry", "hook", "settings", "hooks.scheduler"} <= start, sorted(start)
+    for mod in sorted(start):
+        path = PACKAGE / (mod.replace(".", "/") + ".py") if mod else PACKAGE / "__init__.py"
+        path = path if path.exists() else PACKAGE / mod.replace(".", "/") / "__init__.py"
+        heavy = module_level_imports(path)[0] & set(HEAVY)
+        assert not heavy, f"lmdeploy_patch.{mod or '__init__'} imports {heavy} when it is imported"
+
+
+def test_a_fresh_interpreter_loads_nothing_heavy():
+    """At run time too: with the hooks registered (the .pth), nothing heavy is
+    in sys.modules after start that the disabled integration would not load."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; print(' '.join(sorted(sys.modules)))"
+    env = {k: v for k, v in os.environ.items() if k != "LMDEPLOY_HOSTCACHE_DISABLE"}
+    on = set(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True).stdout.split())
+    off = set(subprocess.run([sys.executable, "-c", code], env=dict(env, LMDEPLOY_HOSTCACHE_DISABLE="1"),
+                             capture_output=True, text=True, check=True).stdout.split())
+    assert "lmdeploy_patch.registry" in on, "the .pth did not run: is the package installed?"
+    added = {m.split(".")[0] for m in on - off}
+    assert not added & (set(HEAVY) | {"inspect"}), sorted(on - off)
+
+
+def test_every_hook_module_is_registered():
+    from lmdeploy_patch.registry import HOOK_MODULES
+
+    files = {p.stem for p in (PACKAGE / "hooks").glob("*.py") if p.stem != "__init__"}
+    assert set(HOOK_MODULES) == files, (set(HOOK_MODULES) ^ files)
 
 
 def test_the_core_does_not_know_the_integration():

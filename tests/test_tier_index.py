@@ -52,8 +52,7 @@ def test_a_restore_takes_the_match_pins_over_and_releases_them_when_settled():
     assert len(slots) == 3 and all(tier.pins(s) == 1 for s in slots)
     tier.begin_restore(slots, True)
     assert all(tier.pins(s) == 2 for s in slots)
-    for s in slots.tolist():
-        tier.restored(s, True, True)
+    tier.restored(slots, True, True)
     assert all(tier.pins(s) == 0 for s in slots) and len(tier.match(ROOT_KEY, 0, tokens)[1]) == 3
 
 
@@ -63,8 +62,8 @@ def test_a_corrupt_restore_drops_the_block():
     save_chain(tier, tokens)
     _, slots = tier.match(ROOT_KEY, 0, tokens, True)
     tier.begin_restore(slots, True)
-    tier.restored(int(slots[0]), True, True)
-    tier.restored(int(slots[1]), False, True)
+    tier.restored(slots[:1], True, True)
+    tier.restored(slots[1:], False, True)
     assert len(tier.match(ROOT_KEY, 0, tokens)[1]) == 1  # the prefix up to the corrupt block survives
     tier.check_invariants()
 
@@ -82,3 +81,11 @@ def test_bad_calls_are_refused_and_change_nothing():
     assert all(tier.pins(s) == 0 for s in slots)  # validated before anything was pinned
     with pytest.raises(ValueError, match="one block of 4 tokens"):
         tier.reserve(ROOT_KEY, 0, tokens)
+    with pytest.raises(ValueError, match="out of range"):
+        tier.pins(10**6)
+    with pytest.raises(ValueError, match="holds no reserved save"):
+        tier.saved(slots[0], True)  # already settled
+    _, matched = tier.match(ROOT_KEY, 0, tokens, True)
+    with pytest.raises(ValueError, match="settle only restores begun with begin_restore"):
+        tier.restored(matched, False, True)  # only the match's pins: nothing to settle
+    assert len(tier.match(ROOT_KEY, 0, tokens)[1]) == 2 and all(tier.pins(s) == 1 for s in matched)

@@ -6,7 +6,6 @@ by name from this module after this hook ran, so its processes call the
 wrapper too (hooks/serve_launch_server.py records that binding)."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 from ..hook import wrap
@@ -15,6 +14,8 @@ from ..settings import host_cache_requested
 
 @wrap("lmdeploy.serve.openai.api_server", "serve", ["model_path", "model_name", "backend", "backend_config"])
 def serve(original: Callable, *args: Any, **kwargs: Any) -> Any:
+    import inspect
+
     from ..turbomind_fallback import is_turbomind_config, turbomind_to_pytorch, warn_fallback
 
     signature = inspect.signature(original)

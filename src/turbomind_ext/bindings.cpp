@@ -214,7 +214,13 @@ void bind_tier_index(py::module_& m) {
             ix.begin_restore(slots.data(), static_cast<size_t>(slots.size()), holds_match_pins);
           },
           py::arg("slots"), py::arg("holds_match_pins"))
-      .def("restored", &TierIndex::restored, py::arg("slot"), py::arg("intact"), py::arg("release_match_pin"))
+      .def(
+          "restored",
+          [](TierIndex& ix, U32s slots, bool intact, bool release_match_pins) {
+            require_1d(slots, "slots");
+            ix.restored(slots.data(), static_cast<size_t>(slots.size()), intact, release_match_pins);
+          },
+          py::arg("slots"), py::arg("intact"), py::arg("release_match_pins"))
       .def("pins", &TierIndex::pins)
       .def("is_ready", &TierIndex::is_ready)
       .def("check_invariants", &TierIndex::check_invariants)

@@ -149,7 +149,7 @@ void HostCache::settle(TransferRecord& t) {
         counters_.checksum_failures++;
         if (t.error.empty()) t.error = concat("checksum mismatch restoring slot ", c.slot, " into device block ", c.block);
       }
-      tier_.restored(c.slot, intact, t.release_match_pins);
+      tier_.restored(&c.slot, 1, intact, t.release_match_pins);
     }
     t.ok = t.error.empty();
   }

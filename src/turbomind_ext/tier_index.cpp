@@ -1,8 +1,24 @@
 #include "tier_index.h"
 
+#include <unordered_map>
+
 #include "errors.h"
 
 namespace hostcache {
+
+void TierIndex::check_slot(uint32_t slot) const {
+  HC_REQUIRE(slot < index_.capacity(), "slot ", slot, " is out of range: the index has ", index_.capacity(), " slots");
+}
+
+uint32_t TierIndex::pins(uint32_t slot) const {
+  check_slot(slot);
+  return index_.pins(slot);
+}
+
+bool TierIndex::is_ready(uint32_t slot) const {
+  check_slot(slot);
+  return index_.is_ready(slot);
+}
 
 std::vector<MatchStep> TierIndex::match(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n, bool pin) {
   std::vector<MatchStep> out;
@@ -31,6 +47,9 @@ InsertResult TierIndex::reserve(uint64_t parent, uint64_t ns, const int32_t* blo
 }
 
 void TierIndex::saved(uint32_t slot, bool ok) {
+  check_slot(slot);
+  HC_REQUIRE(!index_.is_ready(slot) && index_.pins(slot) > 0, "slot ", slot,
+             " holds no reserved save; settle only slots reserve() created");
   if (ok) {
     index_.commit(slot);
     return;
@@ -50,13 +69,24 @@ void TierIndex::begin_restore(const uint32_t* slots, size_t n, bool holds_match_
   for (size_t i = 0; i < n; ++i) index_.pin(slots[i]);
 }
 
-void TierIndex::restored(uint32_t slot, bool intact, bool release_match_pin) {
-  if (!intact) {
-    index_.discard(slot);
-    counters_.discarded++;
+void TierIndex::restored(const uint32_t* slots, size_t n, bool intact, bool release_match_pins) {
+  const uint32_t held = release_match_pins ? 2 : 1;
+  std::unordered_map<uint32_t, uint32_t> need;
+  for (size_t i = 0; i < n; ++i) {
+    check_slot(slots[i]);
+    need[slots[i]] += held;
   }
-  index_.unpin(slot);
-  if (release_match_pin) index_.unpin(slot);
+  for (const auto& [slot, pins] : need)
+    HC_REQUIRE(index_.pins(slot) >= pins, "slot ", slot, " holds ", index_.pins(slot), " pins but settling its ",
+               "restores needs ", pins, "; settle only restores begun with begin_restore");
+  for (size_t i = 0; i < n; ++i) {
+    if (!intact) {
+      index_.discard(slots[i]);
+      counters_.discarded++;
+    }
+    index_.unpin(slots[i]);
+    if (release_match_pins) index_.unpin(slots[i]);
+  }
 }
 
 }  // namespace hostcache

@@ -38,8 +38,9 @@ class TierIndex {
   uint32_t used() const { return index_.used(); }
   uint64_t evictions() const { return index_.evictions(); }
   uint64_t collisions() const { return index_.collisions(); }
-  uint32_t pins(uint32_t slot) const { return index_.pins(slot); }
-  bool is_ready(uint32_t slot) const { return index_.is_ready(slot); }
+  // Slots out of range are refused (ConfigError) by every method taking one.
+  uint32_t pins(uint32_t slot) const;
+  bool is_ready(uint32_t slot) const;
   const TierCounters& counters() const { return counters_; }
 
   // Longest ready prefix continuing from parent over the full blocks of
@@ -52,16 +53,21 @@ class TierIndex {
   // until saved()), kExists/kPending (already stored or being stored),
   // kFull/kCollision (dropped: nothing to copy).
   InsertResult reserve(uint64_t parent, uint64_t ns, const int32_t* block_tokens);
+  // Settles a reserved save; refused (nothing changed) for a slot no save holds.
   void saved(uint32_t slot, bool ok);
 
   // Validates every slot (ready; pinned by a match when holds_match_pins),
   // then pins each for its restore. Throws ConfigError before pinning any.
   void begin_restore(const uint32_t* slots, size_t n, bool holds_match_pins);
-  void restored(uint32_t slot, bool intact, bool release_match_pin);
+  // Settles restores begun with begin_restore; every slot is validated
+  // (enough pins held) before any changes.
+  void restored(const uint32_t* slots, size_t n, bool intact, bool release_match_pins);
 
   void check_invariants() const { index_.check_invariants(); }
 
  private:
+  void check_slot(uint32_t slot) const;
+
   PrefixIndex index_;
   TierCounters counters_;
 };

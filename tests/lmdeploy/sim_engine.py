@@ -42,6 +42,10 @@ def kv_rows(h: np.ndarray, layer: int, row_bytes: int) -> np.ndarray:
     return (x >> np.uint64(56)).astype(np.uint8)
 
 
+class RankCacheEngine:
+    """Stands in for a rank's LMDeploy CacheEngine as the key of its store."""
+
+
 @dataclass
 class SimStats:
     forwards: int = 0
@@ -67,11 +71,12 @@ class SimEngine:
                       for _ in range(ranks)]
         self.pool = self.pools[0]
         self.workers = []
+        self.cache_engines = [RankCacheEngine() for _ in self.pools]  # what a rank's store is registered under
         if self.tier is not None:
-            for pool in self.pools:  # each rank's side, built the way the agent hook builds it
+            for pool, key in zip(self.pools, self.cache_engines):  # each rank's side, as the agent hook builds it
                 allocation = SimpleNamespace(pools=[SimpleNamespace(tensor=pool, entry_axis=1)])
                 self.workers.append(build_worker_tier(cc, allocation, blocks_per_logical=1))
-                rank_tier.register(pool, self.workers[-1])  # as the agent hook registers a rank
+                rank_tier.register(key, self.workers[-1])
         self.worker = self.workers[0] if self.workers else None
         self.stats = SimStats()
         self.sessions: dict[int, object] = {}
@@ -171,8 +176,8 @@ class SimEngine:
         for sid in list(self.sessions):
             self.scheduler.end_session(sid)
         self.sessions.clear()
-        for pool in self.pools:
-            rank_tier.unregister(pool)
+        for key in self.cache_engines:
+            rank_tier.unregister(key)
 
     def hit_rate(self) -> float:
         return self.scheduler.schedule_metrics.prefix_cache_hit_rate

@@ -220,11 +220,11 @@ def test_sleep_forgets_the_host_entries():
     asyncio.run(Engine.sleep(fake, 1))  # LMDeploy's Engine.sleep with our wrapper
     assert slept == [1] and eng.tier.index.used == 0
     # the rank side after wakeup: a new store over the (re-allocated) pools
-    assert rank_tier.unregister(eng.pool)
+    assert rank_tier.unregister(eng.cache_engines[0])
     eng.pool.zero_()
     eng.worker = rank_tier.build_worker_tier(eng.scheduler.cache_config, SimpleNamespace(
         pools=[SimpleNamespace(tensor=eng.pool, entry_axis=1)]), blocks_per_logical=1)
-    rank_tier.register(eng.pool, eng.worker)
+    rank_tier.register(eng.cache_engines[0], eng.worker)
     # LMDeploy keeps its trie across sleep; start clean so the check below
     # is about the host tier alone
     for sid in list(eng.sessions):
