@@ -42,7 +42,7 @@ MiB = 1 << 20
 # Bytes of one 64-token block of LMDeploy's packed pool, Llama-3-8B shape
 # (32 layers, 8 KV heads, head dim 128), measured from its BlockCachePlan.
 KV_BLOCK_BYTES = {"llama3-8b": {0: 8 * MiB, 8: 4 * MiB + 128 * 1024, 4: 2 * MiB + 128 * 1024}}
-SCENARIOS = ("multiturn", "no-reuse", "shared-system", "quant")
+SCENARIOS = ("multiturn", "no-reuse", "shared-system", "quant", "long-context")
 
 
 def cost_model_defaults(path: str = os.path.join(HERE, "RESULTS.md")) -> CostModel:
@@ -58,6 +58,25 @@ def cost_model_defaults(path: str = os.path.join(HERE, "RESULTS.md")) -> CostMod
     except OSError:
         pass
     return found or CostModel(30000.0, 0.025, 50.0, "built-in defaults")
+
+
+def long_documents(args: argparse.Namespace) -> list[str]:
+    """`--docs` documents of about `--doc-tokens` tokens each, made of real
+    ShareGPT text: the messages of other conversations, one after another
+    (a long shared context, as agents and document Q&A send)."""
+    tok = SimpleTokenizer()
+    convs = load_conversations(args.docs * 64, args.seed + 1, min_turns=1, path=args.data)
+    docs, current, count = [], [], 0
+    for text in (m for c in convs for pair in c.turns for m in pair):
+        current.append(text)
+        count += len(tok.encode(text))
+        if count >= args.doc_tokens:
+            docs.append("\n\n".join(current))
+            current, count = [], 0
+            if len(docs) == args.docs:
+                return docs
+    raise ValueError(f"the sample holds too little text for {args.docs} documents of {args.doc_tokens} tokens; "
+                     "lower --docs or --doc-tokens")
 
 
 def build_users(args: argparse.Namespace) -> list[User]:
@@ -88,6 +107,11 @@ def build_users(args: argparse.Namespace) -> list[User]:
         return users
     convs = load_conversations(args.users, args.seed, min_turns=2, path=args.data)
     users = [User(i, turns_of(c, args.max_turns)) for i, c in enumerate(convs)]
+    if args.scenario == "long-context":
+        docs = [cap(tok.encode(d), args.doc_tokens) for d in long_documents(args)]
+        for u in users:  # user u asks about document u % docs; its first prompt carries it
+            msg, reply = u.turns[0]
+            u.turns[0] = (np.concatenate([docs[u.uid % len(docs)], msg]), reply)
     if args.scenario == "shared-system":
         system = rng.integers(3, 120_000, size=args.system_tokens).astype(np.int64)
         for u in users:
@@ -269,13 +293,16 @@ def conversations_text(args: argparse.Namespace) -> list[list[tuple[str, int]]]:
     """(user message, reply length in tokens) per turn, from the same sample as the replay."""
     tok = SimpleTokenizer()
     convs = load_conversations(args.users, args.seed, min_turns=2, path=args.data)
+    docs = long_documents(args) if args.scenario == "long-context" else []
     out = []
-    for c in convs:
+    for uid, c in enumerate(convs):
         turns = []
         for u, r in c.turns[: args.max_turns]:
             words = u.split()
             turns.append((" ".join(words[: args.max_user_tokens // 2]) or ".",
                           max(1, min(args.max_reply_tokens, len(tok.encode(r))))))
+        if docs:  # the document, then the first question (the server tokenises it with the model's tokenizer)
+            turns[0] = (docs[uid % len(docs)] + "\n\n" + turns[0][0], turns[0][1])
         out.append(turns)
     return out
 
@@ -388,7 +415,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CostModel]:
     ap.add_argument("--scenario", choices=SCENARIOS, default="multiturn",
                     help="multiturn chats; no-reuse (unique prompts: what the tier costs when it cannot help); "
                          "shared-system (a long system prompt, many short chats); quant (bf16 vs int4 KV at the "
-                         "same host-pool bytes)")
+                         "same host-pool bytes); long-context (--docs documents of --doc-tokens real text each, "
+                         "shared by the users who ask about them, reused after the GPU cache evicted them)")
     ap.add_argument("--json", help="write every result here")
     ap.add_argument("--plots", help="folder for PNG plots (default: next to --json)")
     ap.add_argument("--seed", type=int, default=0)
@@ -404,6 +432,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CostModel]:
     ap.add_argument("--max-user-tokens", type=int, default=1024)
     ap.add_argument("--max-reply-tokens", type=int, default=256)
     ap.add_argument("--system-tokens", type=int, default=2048, help="shared-system scenario")
+    ap.add_argument("--docs", type=int, default=8, help="long-context: documents shared by the users")
+    ap.add_argument("--doc-tokens", type=int, default=24576, help="long-context: tokens per document (16K-32K)")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--max-batches", type=int, default=64, help="most sequences in one forward")
     ap.add_argument("--model-shape", choices=list(KV_BLOCK_BYTES), default="llama3-8b")
@@ -446,6 +476,9 @@ def run_replay_mode(args: argparse.Namespace, cost: CostModel) -> int:
     users = build_users(args)
     ws = working_set_blocks(users, args.block_size)
     live = int(np.mean(ws) * min(args.concurrency, len(users)))
+    if args.scenario == "long-context":  # the documents are shared: count each once
+        doc = math.ceil(args.doc_tokens / args.block_size)
+        live = args.docs * doc + int((np.mean(ws) - doc) * min(args.concurrency, len(users)))
     # Reuse scenarios: the live working set is 4x the GPU cache. No reuse: a
     # cache that holds the live set, so the run shows only what the tier costs.
     pressure = 1 if args.scenario == "no-reuse" else 4

@@ -29,11 +29,12 @@ def test_conversations_are_seeded_and_multi_turn():
     assert np.array_equal(tok.encode(a[0].turns[0][0]), tok.encode(a[0].turns[0][0]))
 
 
-@pytest.mark.parametrize("scenario", ["multiturn", "no-reuse", "quant"])
+@pytest.mark.parametrize("scenario", ["multiturn", "no-reuse", "quant", "long-context"])
 def test_replay_counts_tokens_by_tier(tmp_path, scenario):
     out = tmp_path / "r.json"
+    extra = ["--docs", "2", "--doc-tokens", "2048"] if scenario == "long-context" else []
     assert multiturn.main(["--replay", "--scenario", scenario, "--users", "12", "--concurrency", "6",
-                           "--max-turns", "4", "--max-reply-tokens", "32", "--json", str(out)]) == 0
+                           "--max-turns", "4", "--max-reply-tokens", "32", "--json", str(out), *extra]) == 0
     data = json.loads(out.read_text())
     runs = {k: v for k, v in data.items() if k == "off" or k.startswith("on")}
     assert "off" in runs and len(runs) >= 2
@@ -46,6 +47,8 @@ def test_replay_counts_tokens_by_tier(tmp_path, scenario):
         assert on["tokens_host_hit"] == 0 and on["tokens_recomputed"] == runs["off"]["tokens_recomputed"]
     else:
         assert on["tokens_host_hit"] > 0 and on["tokens_recomputed"] < runs["off"]["tokens_recomputed"]
+    if scenario == "long-context":  # every user's first prompt carries a 2048-token document
+        assert runs["off"]["prompt_tokens"] >= 12 * 2048
     if scenario == "quant":  # same host bytes, 3.8x more int4 blocks
         assert runs["on int4"]["host_blocks"] > 3 * runs["on bf16"]["host_blocks"]
     assert (tmp_path / "ttft_cdf.png").exists() or "matplotlib" not in sys.modules
