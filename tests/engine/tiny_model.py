@@ -24,7 +24,8 @@ batches is asserted with the CPU shim's batch-invariant numerics only
 KV per 64-token block: 4 layers x 2 x 2 heads x 64 x 64 x 2 B = 128 KiB (bf16).
 
 `llama3_8b_shape=True`: the shape of Llama-3-8B (32 layers, hidden 4096, 32
-heads, 8 KV heads, head dim 128, MLP 14336, rope theta 500000) with the
+heads, 8 KV heads, head dim 128, MLP 14336, rope theta 500000, 40960
+positions so that the long-context scenario's 32K-token prompts fit) with the
 small vocabulary: 6.98e9 parameters, 13.0 GiB of bf16 safetensors; KV per
 token 128 KiB (bf16), the figure the benchmarks use for Llama-3-8B. Its weights are drawn on the
 GPU (device='cuda'), in bf16, std 0.02, and written straight from there:
@@ -115,7 +116,7 @@ def _config(vocab_size: int, tokenizer, llama3_8b_shape: bool, initializer_range
                pad_token_id=tokenizer.convert_tokens_to_ids(EOS))
     if llama3_8b_shape:
         shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                     num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-5,
                      initializer_range=0.02 if initializer_range is None else initializer_range,
                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     else:
