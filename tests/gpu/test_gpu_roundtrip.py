@@ -3,7 +3,8 @@
 Skipped unless this build has CUDA and a GPU is usable (conftest.py; with
 HOSTCACHE_EXPECT_GPU=1 a missing GPU fails instead). Tensors made on the
 default stream are used on side streams only after those streams waited for
-it."""
+it. Pools are small and keep no RAM reserve (reserve_bytes=0): the GPU
+machine's MemAvailable may start small."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,7 @@ def block_bytes(pool: torch.Tensor, b: int) -> bytes:
 
 def make_cache(pool: torch.Tensor, slots: int, **kw) -> HostCache:
     slot = pool.shape[0] * pool.shape[2]
-    cfg = HostCacheConfig(capacity_bytes=slots * slot_stride(slot), checksum=True, **kw)
+    cfg = HostCacheConfig(capacity_bytes=slots * slot_stride(slot), checksum=True, reserve_bytes=0, **kw)
     return HostCache.from_tensors(cfg, [pool], block_dim=1)
 
 
@@ -75,7 +76,7 @@ def test_many_regions_int4_with_scales(path):
     for _ in range(LAYERS):
         tensors += [torch.randint(0, 256, (n, BLOCK, 8, 64), dtype=torch.uint8, device="cuda") for _ in range(2)]
         tensors += [torch.randn(n, BLOCK, 8, 2, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
-    cfg = HostCacheConfig(capacity_bytes=64 << 20, copy_path=path, checksum=True)
+    cfg = HostCacheConfig(capacity_bytes=64 << 20, copy_path=path, checksum=True, reserve_bytes=0)
     cache = HostCache.from_tensors(cfg, tensors, block_dim=0)
 
     def raw(b: int) -> bytes:
@@ -148,7 +149,8 @@ def test_chained_copies_keep_order_across_the_copy_streams(path, streams, monkey
     monkeypatch.setenv("HOSTCACHE_COPY_STREAMS", streams)
     pool = gpu_pool("int4", 24, seed=7)
     slot = pool.shape[0] * pool.shape[2]
-    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=16 * slot_stride(slot), copy_path=path),
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=16 * slot_stride(slot), copy_path=path,
+                                                   reserve_bytes=0),
                                    [pool], 1)
     busy = {"offload": torch.cuda.Stream(), "restore": torch.cuda.Stream()}
     for s in busy.values():
