@@ -3,7 +3,8 @@
 # install carried wheels (.whl/, made beforehand by scripts/prepare_gpu_wheels.sh;
 # README "GPU runs"), build with CUDA (mandatory), check that a GPU is usable and
 # that host memory can be pinned, run the GPU tests and the engine tests (GPU mode),
-# then the rest of the CPU suite, then the micro benchmark, and write a report
+# then the rest of the CPU suite, then the micro benchmark and, with the time
+# left, a trimmed multi-turn server comparison on a Llama-3-8B-shaped model, and write a report
 # under $OUT (default results/gpu). Every step has a time limit and its own log,
 # written as it runs; the whole run ends inside GPU_ALL_BUDGET_S (default 560 s;
 # the device tool allows 600). The exit code is the first failing step's, or 124
@@ -132,6 +133,17 @@ if [ "$DRY" = 1 ]; then
   step micro 60 "$PY" benchmark/micro.py --quick --json "$OUT/micro.json"
 else
   step micro 120 "$PY" benchmark/micro.py --json "$OUT/micro.json"
+  # Last, with whatever time is left (reported as not run when too little): a
+  # trimmed multi-turn server comparison on the Llama-3-8B-shaped model, int4
+  # KV. Its table goes to micro.log (8 files come back); JSON, plots and server
+  # logs stay on the machine.
+  BENCH=/tmp/hc-bench
+  step micro 60 "$PY" tests/engine/tiny_model.py /tmp/hc-llama3-8b-shape --llama3-8b-shape \
+    --corpus .whl/sharegpt_sample.json
+  step micro $(( $(left) - 15 )) env HOSTCACHE_PIN=eager "$PY" benchmark/multiturn.py --server /tmp/hc-llama3-8b-shape \
+    --compare --data .whl/sharegpt_sample.json --users 24 --concurrency 12 --think-s 1 --max-turns 3 \
+    --max-reply-tokens 32 --quant-policy 4 --server-gpu-blocks 256 --host-ratio 8 --log-dir "$BENCH" \
+    --json "$BENCH/multiturn.json"
 fi
 
 {
