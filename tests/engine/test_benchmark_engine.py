@@ -128,7 +128,7 @@ def _result(runs: dict, mode: str) -> dict:
 
 def _planned(sample: str) -> list[list[tuple[str, int]]]:
     """The conversations the benchmark drives: the same function, arguments and file."""
-    return multiturn.conversations_text(argparse.Namespace(data=sample, **BENCH))
+    return multiturn.conversations_text(argparse.Namespace(data=sample, scenario="multiturn", **BENCH))
 
 
 def _by_turn(run: dict) -> dict:
