@@ -454,6 +454,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CostModel]:
         args.ramp_s = args.think_s
     if args.ramp_s < 0:
         ap.error(f"--ramp-s must be >= 0 seconds, got {args.ramp_s}")
+    if args.docs < 1 or args.doc_tokens < args.block_size:
+        ap.error(f"long-context needs --docs >= 1 and --doc-tokens >= --block-size ({args.block_size}); "
+                 f"got {args.docs} and {args.doc_tokens}")
     cost = CostModel(args.prefill_tok_s, args.decode_step_ms / 1e3, args.copy_gbps,
                      cost.source if (args.prefill_tok_s, args.copy_gbps) == (cost.prefill_tok_s, cost.copy_gbps)
                      else "command line")
