@@ -125,19 +125,36 @@ def working_set_blocks(users: list[User], block_size: int) -> list[int]:
     return [math.ceil(sum(len(m) + len(r) for m, r in u.turns) / block_size) for u in users]
 
 
+def progress_bar(label: str, unit: str, quiet: bool):
+    """A progress(done, total) callback drawing a tqdm bar on stderr (LMDeploy
+    depends on tqdm); None with --quiet."""
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    bar: dict = {}
+
+    def progress(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=False)
+        bar["bar"].update(done - bar["bar"].n)
+        if done >= total:
+            bar["bar"].close()
+
+    return progress
+
+
+# A GPU cache that never evicts: the ideal every tier is measured against.
+IDEAL_GPU_BLOCKS = 1_000_000
+
+
 def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, kv_bytes: int,
             cost: CostModel) -> dict:
     users = users_factory()
     engine = ReplayEngine(num_gpu_blocks=gpu_blocks, host_slots=host_slots, block_size=args.block_size,
                           max_batches=args.max_batches, kv_block_bytes=kv_bytes, cost=cost,
                           write_policy=args.write_policy)
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        if time.perf_counter() - last[0] > 5 or done == total:
-            last[0] = time.perf_counter()
-            print(f"  [{label}] {done}/{total} turns", file=sys.stderr, flush=True)
-
+    progress = progress_bar(label, "turn", args.quiet)
     res = engine.run(users, args.concurrency, args.think_s, args.seed, progress, ramp_s=args.ramp_s)
     out = res.summary()
     out["gpu_blocks"], out["host_blocks"], out["kv_block_bytes"] = gpu_blocks, host_slots, kv_bytes
@@ -224,10 +241,7 @@ def run_server_mode(args: argparse.Namespace) -> dict[str, dict]:
                   "--quant-policy", str(args.quant_policy), "--enable-prefix-caching", "--session-len", "32768"]
         log = os.path.join(args.log_dir, f"api_server_{name}.log")
 
-        def progress(done: int, total: int, _last=[0.0]) -> None:
-            if time.perf_counter() - _last[0] > 10 or done == total:
-                _last[0] = time.perf_counter()
-                print(f"  [{name}] {done}/{total} requests", file=sys.stderr, flush=True)
+        progress = progress_bar(name, "request", args.quiet)
 
         def drive(base_url: str, model: str) -> dict:
             before = scrape_metrics(base_url)
@@ -266,7 +280,7 @@ def run_pipeline_mode(args: argparse.Namespace) -> dict[str, dict]:
         pipe = pipeline(args.pipeline, backend_config=cfg, log_level="WARNING")
         try:
             records, before, after = run_pipeline_users(pipe, convs, args.concurrency, args.think_s, args.seed,
-                                                        ramp_s=args.ramp_s)
+                                                        progress_bar(name, "request", args.quiet), ramp_s=args.ramp_s)
         finally:
             pipe.close()
             del pipe
@@ -335,11 +349,16 @@ def print_table(runs: dict[str, dict]) -> None:
         label, key, fmt = row[:3]
         scale = row[3] if len(row) > 3 else 1
         print(f"{label:38}" + "".join(f"{fmt.format(runs[n][key] * scale):>16}" for n in names))
+    def ratio(a, b):
+        return a / b if b else float("inf")
+
+    if "ideal" in runs:
+        ideal = runs["ideal"]["tokens_recomputed"]
+        for name in (n for n in runs if n.startswith("on")):
+            print(f"recomputed({name}) / recomputed(ideal: tier off, a GPU cache that never evicts) = "
+                  f"{runs[name]['tokens_recomputed']} / {ideal} = {ratio(runs[name]['tokens_recomputed'], ideal):.3f}")
     if "off" in runs and "on" in runs:
         off, on = runs["off"], runs["on"]
-
-        def ratio(a, b):
-            return a / b if b else float("inf")
 
         print(f"\nestimated, tier on vs off: TTFT p50 {ratio(off['est_ttft_p50_s'], on['est_ttft_p50_s']):.2f}x lower, "
               f"p99 {ratio(off['est_ttft_p99_s'], on['est_ttft_p99_s']):.2f}x lower, output throughput "
@@ -418,6 +437,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CostModel]:
                          "same host-pool bytes); long-context (--docs documents of --doc-tokens real text each, "
                          "shared by the users who ask about them, reused after the GPU cache evicted them)")
     ap.add_argument("--json", help="write every result here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--plots", help="folder for PNG plots (default: next to --json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", help="conversations exported by `python benchmark/sharegpt.py --export FILE` "
@@ -505,6 +525,7 @@ def run_replay_mode(args: argparse.Namespace, cost: CostModel) -> int:
 
     runs: dict[str, dict] = {}
     runs["off"] = run_one("off", factory, args, gpu_blocks, 0, kv[qp], cost)
+    runs["ideal"] = run_one("ideal", factory, args, IDEAL_GPU_BLOCKS, 0, kv[qp], cost)
     if args.scenario == "quant":
         # same host bytes: int4 keeps ~3.8x more blocks than bf16
         for name, policy in (("on bf16", 0), ("on int4", 4)):

