@@ -23,20 +23,8 @@ SITE_DIR = HERE / "site"  # test-only sitecustomize (site/sitecustomize.py)
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from gpu_check import gpu_problem  # noqa: E402
 from procs import EngineRuns, in_private_netns, netns_problem, stop_tree, tail  # noqa: E402,F401 - the tests' helpers
-
-
-def _gpu_usable() -> tuple[bool, str]:
-    from lmdeploy_hostcache import build_info
-
-    info = build_info()
-    if not info["gpu_usable"]:
-        return False, info["reason"]
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device"
-    return True, ""
 
 
 def _mode() -> tuple[Optional[str], str]:
@@ -44,7 +32,8 @@ def _mode() -> tuple[Optional[str], str]:
     if importlib.util.find_spec("lmdeploy") is None:
         return None, "LMDeploy is not installed (scripts/setup.sh)"
     forced = os.environ.get("HOSTCACHE_ENGINE_MODE")
-    gpu, why = _gpu_usable()
+    why = gpu_problem()
+    gpu = why is None
     if forced == "gpu" or os.environ.get("HOSTCACHE_EXPECT_GPU") == "1":
         return "gpu", "" if gpu else f"a GPU was expected: {why}"
     if forced == "cpu" or not gpu:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import tiny_model  # noqa: E402
+from benchmark.server_client import scrape_metrics  # noqa: E402
 from procs import start, stop_tree, tail  # noqa: E402
 from turns import write_json  # noqa: E402
 
@@ -112,12 +112,11 @@ def converse(base: str, conversations: int, turns: int, max_tokens: int) -> list
     return out
 
 
-def metric_values(body: str) -> dict[str, float]:
-    """lmdeploy:* samples (labels dropped; one engine here)."""
-    values = {}
-    for m in re.finditer(r"^(lmdeploy:[A-Za-z0-9_:]+)(?:\{[^}]*\})? ([-+0-9.eEinfINFnaN]+)$", body, re.MULTILINE):
-        values[m.group(1)] = float(m.group(2))
-    return values
+def metric_values(base: str) -> dict[str, float]:
+    """LMDeploy's samples on /metrics (the benchmark's scraper; one engine here,
+    so summing over label sets changes nothing). Process metrics are left out:
+    they change between any two reads."""
+    return {k: v for k, v in scrape_metrics(base).items() if k.startswith("lmdeploy:")}
 
 
 def settled_metrics(base: str, prompt_tokens: int) -> dict[str, float]:
@@ -126,7 +125,7 @@ def settled_metrics(base: str, prompt_tokens: int) -> dict[str, float]:
     deadline = time.monotonic() + METRICS_TIMEOUT
     last: dict = {}
     while time.monotonic() < deadline:
-        now = metric_values(http_get(base + "/metrics"))
+        now = metric_values(base)
         if now.get("lmdeploy:prompt_tokens_total") == prompt_tokens and now == last:
             return now
         last = now
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, (_, base) in procs.items():
             result[k] = converse(base, a.conversations, a.turns, a.max_tokens)
         result["metrics"] = settled_metrics(procs["on"][1], sum(r["prompt_tokens"] for r in result["on"]))
-        result["metrics_ref"] = metric_values(http_get(procs["ref"][1] + "/metrics"))
+        result["metrics_ref"] = metric_values(procs["ref"][1])
     finally:
         for proc, _ in procs.values():
             stop_tree(proc, grace=20)

@@ -6,22 +6,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from gpu_check import gpu_problem
 
-
-def _gpu_problem() -> str | None:
-    from lmdeploy_hostcache import build_info
-
-    info = build_info()
-    if not info["gpu_usable"]:
-        return f"needs a usable GPU: {info['reason']}"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    return None
-
-
-_PROBLEM = _gpu_problem()
+_PROBLEM = gpu_problem()
 
 
 @pytest.fixture(autouse=True)
