@@ -39,7 +39,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import tiny_model  # noqa: E402
 from balance import balance_problems  # noqa: E402
-from turns import _generate, close_and_exit, make_plan, prompt_ids, write_json  # noqa: E402
+from turns import _generate, close_and_exit, make_plan, on_engine_loop, prompt_ids, write_json  # noqa: E402
 
 PREEMPTIONS = {"count": 0}
 
@@ -73,8 +73,7 @@ class Runner:
         self.engine = self.pipe.async_engine
 
     def call(self, coro, timeout: float = 300.0):
-        fut = asyncio.run_coroutine_threadsafe(coro, self.pipe.internal_thread.loop)
-        return fut.result(timeout=timeout)
+        return on_engine_loop(self.pipe, coro, timeout)
 
     def chat(self, plan: dict, new_tokens: int) -> list[dict]:
         """The plan's conversations turn by turn, every conversation's turn in flight together."""

@@ -82,6 +82,11 @@ async def _generate(engine, input_ids: list[int], gen_config) -> dict:
     return {"tokens": tokens, "cached_tokens": cached, "finish_reason": finish, "generate_token_len": gen_len}
 
 
+def on_engine_loop(pipe, coro, timeout: float):
+    """Runs a coroutine on the pipeline's engine loop (as Pipeline does) and waits for it."""
+    return asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop).result(timeout=timeout)
+
+
 def _metrics(m) -> dict:
     """LMDeploy's ScheduleMetrics; the patch adds `host_cache` (a dict) with the tier on."""
     host = getattr(m, "host_cache", None)
@@ -139,8 +144,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, ignore_eos=True)
 
     def call(coro):
-        fut = asyncio.run_coroutine_threadsafe(coro, pipe.internal_thread.loop)
-        return fut.result(timeout=args.request_timeout)
+        return on_engine_loop(pipe, coro, args.request_timeout)
 
     history: list[list[tuple[list[int], list[int]]]] = [[] for _ in range(args.sessions)]
     turns = []
