@@ -33,6 +33,7 @@ from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
 
 from .copy_plan import HostCopyPlan
 from .eligibility import tier_slots
+from .log import log_once
 from .settings import slot_stride
 
 def pool_regions(allocation: Any, blocks_per_logical: int) -> tuple[list[Region], int]:
@@ -77,6 +78,25 @@ class WorkerTier:
         self.blocks_saved = 0
         self._waited = 0.0       # seconds forwards spent waiting for copies (resolved)
         self._wait_events: list = []  # CUDA (start, end) events not yet resolved
+        self._submits = 0
+        self._pin_said: set[str] = set()
+        self.report_pinning()
+
+    def report_pinning(self) -> None:
+        """One line when pinning falls back (registration refused: pinned
+        allocations; those refused too: unpinned, slower copies). Lazy pools pin
+        while serving, so this is looked at again every few copies."""
+        if not self.cuda or len(self._pin_said) == 2:
+            return
+        stats = self.store.stats()
+        if stats.get("register_error") and "register" not in self._pin_said:
+            self._pin_said.add("register")
+            log_once(f"registering the host pool with CUDA was refused ({stats['register_error']}); "
+                     "its chunks are pinned allocations instead (same copy speed, no action needed)")
+        if stats.get("pin_error") and "unpinned" not in self._pin_said:
+            self._pin_said.add("unpinned")
+            log_once(f"the host pool could not be pinned ({stats['pin_error']}); copies run from pageable "
+                     "memory, slower, and the stats say pinned=False")
 
     def _submit(self, transfer) -> None:
         # A lost restore would feed this forward stale bytes and a lost save
@@ -84,6 +104,9 @@ class WorkerTier:
         error = transfer.queue_error()
         if error:
             raise RuntimeError(f"lmdeploy-hostcache: a host-cache {transfer.direction} could not be queued: {error}")
+        self._submits += 1
+        if self._submits % 32 == 1:
+            self.report_pinning()
         pending = self._unwaited[transfer.direction]
         if self.cuda:
             pending[:] = [transfer]

@@ -9,6 +9,7 @@ numpy at module level: hook modules import this at every interpreter start.
 from __future__ import annotations
 
 import contextlib
+import os
 import contextvars
 from typing import Any, Iterator, Mapping
 
@@ -38,12 +39,24 @@ _PENDING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
 
 
 def ram_reserve_bytes() -> int:
-    """RAM left to the rest of the machine: the core's default
-    (lmdeploy_hostcache.config), so a size accepted here is not refused again
-    when a rank builds its pool."""
+    """RAM left to the rest of the machine when the pool is sized: the core's
+    default (lmdeploy_hostcache.config), or HOSTCACHE_RAM_RESERVE_GIB (tests
+    pass 0; so can a machine whose RAM grows as it is used, where
+    MemAvailable at start-up understates it). Ranks build their pools with
+    no reserve of their own, so a size accepted here is not refused again."""
     from lmdeploy_hostcache.config import DEFAULT_RESERVE_BYTES
 
-    return DEFAULT_RESERVE_BYTES
+    text = os.environ.get("HOSTCACHE_RAM_RESERVE_GIB")
+    if text is None or text.strip() == "":
+        return DEFAULT_RESERVE_BYTES
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0 or gib == float("inf"):
+        raise ValueError(f"HOSTCACHE_RAM_RESERVE_GIB={text!r}: give the GiB of RAM to leave free as a number >= 0 "
+                         f"(unset: {DEFAULT_RESERVE_BYTES / GIB:g})")
+    return int(gib * GIB)
 
 
 def slot_stride(block_bytes: int) -> int:

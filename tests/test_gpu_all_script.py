@@ -26,6 +26,8 @@ def test_a_green_dry_run_reports_no_failure(tmp_path):
     report = (out / "report.md").read_text()
     assert report.startswith("# GPU run") and report.index("## failures: none") < report.index("## figures")
     assert "index_match_us_32k" in report and (out / "micro.json").exists()
+    # the model drawn in the background was waited for, then the end-to-end step ran
+    assert "model build rc=0" in report and "recomputed prompt tokens" in report, report[-3000:]
     assert len(list(out.iterdir())) <= 8, sorted(p.name for p in out.iterdir())
 
 

@@ -58,6 +58,7 @@ py::dict store_stats_dict(const StoreStats& s) {
   py::dict d;
   HC_FIELD(slots_total); HC_FIELD(slot_bytes); HC_FIELD(slot_stride); HC_FIELD(pool_bytes);
   HC_FIELD(pinned); HC_FIELD(pinned_bytes); HC_FIELD(pin_mode); HC_FIELD(pin_error); HC_FIELD(copy_engine);
+  HC_FIELD(pin_method); HC_FIELD(register_error);
   return d;
 }
 

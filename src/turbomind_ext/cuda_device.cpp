@@ -29,9 +29,28 @@ class CudaPinner : public Pinner {
       cudaGetLastError();  // not sticky: clear it so later calls do not report it
       throw SystemError(concat("pinning ", format_bytes(bytes), " of the host pool with cudaHostRegister failed: ",
                                cuda::error_text(e),
-                               "; the pool keeps working unpinned but copies are slower; check free RAM, the "
-                               "locked-memory limit (ulimit -l) and the container's memory limit"));
+                               "; check free RAM, the locked-memory limit (ulimit -l) and the container's "
+                               "memory limit"));
     }
+  }
+
+  void* allocate(uint64_t bytes) override {
+    cuda::ScopedDevice guard(device_);
+    if (!guard.ok())
+      throw SystemError(concat("allocating ", format_bytes(bytes), " of pinned memory failed: cannot select CUDA device ",
+                               device_, ": ", cuda::error_text(guard.status())));
+    void* p = nullptr;
+    const cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
+    if (e != cudaSuccess || p == nullptr) {
+      cudaGetLastError();
+      throw SystemError(concat("cudaHostAlloc of ", format_bytes(bytes), " failed: ", cuda::error_text(e)));
+    }
+    return p;
+  }
+
+  void release(void* ptr) noexcept override {
+    cuda::ScopedDevice guard(device_);
+    if (cudaFreeHost(ptr) != cudaSuccess) cudaGetLastError();
   }
 
   void unpin(void* ptr, uint64_t) noexcept override {

@@ -56,35 +56,59 @@ HostArena::HostArena(const ArenaOptions& o, std::unique_ptr<Pinner> pinner)
   // Huge pages cut TLB misses on copies and make registration faster.
   madvise(base_, mapped_bytes_, MADV_HUGEPAGE);
 #endif
+  const uint32_t chunks = (num_slots_ + chunk_slots_ - 1) / chunk_slots_;
+  chunk_base_.resize(chunks);
+  for (uint32_t c = 0; c < chunks; ++c) chunk_base_[c] = base_ + chunk_offset(c);
   if (pinning()) {
-    chunk_pinned_.assign((num_slots_ + chunk_slots_ - 1) / chunk_slots_, 0);
+    chunk_state_.assign(chunks, kUnpinned);
     if (pin_mode_ == PinMode::kEager)
-      for (uint32_t c = 0; c < chunk_pinned_.size() && pin_chunk(c); ++c) {
+      for (uint32_t c = 0; c < chunks && pin_chunk(c); ++c) {
       }
   }
 }
 
 HostArena::~HostArena() {
-  for (uint32_t c = 0; c < chunk_pinned_.size(); ++c) {
-    if (!chunk_pinned_[c]) continue;
-    const uint64_t off = static_cast<uint64_t>(c) * chunk_slots_ * slot_stride_;
-    pinner_->unpin(base_ + off, std::min<uint64_t>(static_cast<uint64_t>(chunk_slots_) * slot_stride_, mapped_bytes_ - off));
-  }
+  for (uint32_t c = 0; c < chunk_state_.size(); ++c)
+    if (chunk_state_[c] == kRegistered) pinner_->unpin(chunk_base_[c], chunk_len(c));
   if (base_) munmap(base_, mapped_bytes_);
-}
+}  // allocations_ go next, through pinner_, which outlives them
 
 bool HostArena::pin_chunk(uint32_t c) {
-  if (chunk_pinned_[c]) return true;
+  if (chunk_state_[c] != kUnpinned) return true;
   if (!pin_error_.empty()) return false;  // one failure is enough; do not retry on every copy
-  const uint64_t off = static_cast<uint64_t>(c) * chunk_slots_ * slot_stride_;
-  const uint64_t len = std::min<uint64_t>(static_cast<uint64_t>(chunk_slots_) * slot_stride_, mapped_bytes_ - off);
+  const uint64_t len = chunk_len(c);
+  if (register_error_.empty()) {
+    try {
+      pinner_->pin(chunk_base_[c], len);
+      chunk_state_[c] = kRegistered;
+      pinned_bytes_ += len;
+      return true;
+    } catch (const std::exception& e) {
+      register_error_ = e.what();  // refused once, refused for good: allocate from here on
+    }
+  }
+  return allocate_chunk(c, len);
+}
+
+bool HostArena::allocate_chunk(uint32_t c, uint64_t len) {
+  std::unique_ptr<uint8_t, Release> mem;
   try {
-    pinner_->pin(base_ + off, len);
+    mem = std::unique_ptr<uint8_t, Release>(static_cast<uint8_t*>(pinner_->allocate(len)), Release{pinner_.get()});
+    allocations_.reserve(allocations_.size() + 1);
   } catch (const std::exception& e) {
-    pin_error_ = e.what();
+    pin_error_ = concat(register_error_, "; a pinned allocation instead failed too: ", e.what(),
+                        "; the pool runs unpinned from here on");
     return false;
   }
-  chunk_pinned_[c] = 1;
+  // Nothing should live in the chunk yet (its first prepare), but a slot
+  // written through slot_view before any copy must keep its bytes.
+  std::memcpy(mem.get(), chunk_base_[c], len);
+#ifdef MADV_DONTNEED
+  madvise(chunk_base_[c], len, MADV_DONTNEED);  // give back what MAP_POPULATE or the copy touched
+#endif
+  chunk_base_[c] = mem.get();
+  allocations_.push_back(std::move(mem));
+  chunk_state_[c] = kAllocated;
   pinned_bytes_ += len;
   return true;
 }
@@ -92,6 +116,19 @@ bool HostArena::pin_chunk(uint32_t c) {
 bool HostArena::prepare(uint32_t i) {
   if (!pinning()) return false;
   return pin_chunk(i / chunk_slots_);
+}
+
+std::string HostArena::pin_method() const {
+  if (!pinning()) return "off";
+  bool reg = false, alloc = false;
+  for (uint8_t s : chunk_state_) {
+    reg |= s == kRegistered;
+    alloc |= s == kAllocated;
+  }
+  if (reg && alloc) return "register+allocate";
+  if (reg) return "register";
+  if (alloc) return "allocate";
+  return "none";
 }
 
 }  // namespace hostcache

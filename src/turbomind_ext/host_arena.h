@@ -4,8 +4,16 @@
 // driver), chunk by chunk: registering one giant range takes seconds and can
 // fail as a whole, while chunks let a pool pin lazily as slots come into use.
 // Chunks hold whole slots, so no slot straddles two registrations.
+//
+// Pinning never sinks the pool. When registration is refused (some sandboxes
+// refuse cudaHostRegister of mmap'd memory yet grant cudaHostAlloc), every
+// chunk not yet pinned moves into its own pinned allocation; when that is
+// refused too, the pool runs unpinned (slower copies) and pin_error() says why.
+// A chunk moves only on its first prepare(), before any of its slots is used,
+// so no copy ever sees a slot change address.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -22,12 +30,15 @@ inline constexpr uint64_t kSlotAlign = 256;
 // Bytes one slot of `slot_bytes` payload takes in the arena.
 uint64_t slot_stride_for(uint64_t slot_bytes);
 
-// Makes a host range DMA-able by the device. pin throws SystemError.
+// Makes host memory DMA-able by the device: by registering a range, or by
+// allocating pinned memory. pin and allocate throw SystemError.
 class Pinner {
  public:
   virtual ~Pinner() = default;
   virtual void pin(void* ptr, uint64_t bytes) = 0;
   virtual void unpin(void* ptr, uint64_t bytes) noexcept = 0;
+  virtual void* allocate(uint64_t bytes) = 0;
+  virtual void release(void* ptr) noexcept = 0;
 };
 
 struct ArenaOptions {
@@ -52,26 +63,40 @@ class HostArena {
   uint64_t slot_stride() const { return slot_stride_; }
   uint64_t slot_bytes() const { return slot_bytes_; }
   uint64_t mapped_bytes() const { return mapped_bytes_; }
-  uint8_t* slot(uint32_t i) const { return base_ + static_cast<uint64_t>(i) * slot_stride_; }
-  bool contains(const void* p) const {
-    auto* b = static_cast<const uint8_t*>(p);
-    return b >= base_ && b < base_ + mapped_bytes_;
+  uint8_t* slot(uint32_t i) const {
+    return chunk_base_[i / chunk_slots_] + static_cast<uint64_t>(i % chunk_slots_) * slot_stride_;
   }
 
   // Pins the chunk holding slot i if the pool pins lazily. Returns whether
   // the slot is pinned; a failure is kept in pin_error(), never thrown, since
   // unpinned memory still works (slower) for the memcpy and CPU paths.
   bool prepare(uint32_t i);
-  bool is_pinned(uint32_t i) const { return !chunk_pinned_.empty() && chunk_pinned_[i / chunk_slots_]; }
+  bool is_pinned(uint32_t i) const { return !chunk_state_.empty() && chunk_state_[i / chunk_slots_] != kUnpinned; }
   uint64_t pinned_bytes() const { return pinned_bytes_; }
   bool pinning() const { return pinner_ != nullptr && pin_mode_ != PinMode::kOff; }
   PinMode pin_mode() const { return pin_mode_; }
+  // Why the pool (from some chunk on) is not pinned; empty while it is.
   const std::string& pin_error() const { return pin_error_; }
+  // Why chunks moved to pinned allocations; empty while registration works.
+  const std::string& register_error() const { return register_error_; }
+  // "off", "register", "allocate", "register+allocate" or "none" (nothing pinned yet).
+  std::string pin_method() const;
 
  private:
-  bool pin_chunk(uint32_t chunk);
+  enum ChunkState : uint8_t { kUnpinned, kRegistered, kAllocated };
+  struct Release {
+    Pinner* pinner;
+    void operator()(uint8_t* p) const noexcept { pinner->release(p); }
+  };
 
-  std::unique_ptr<Pinner> pinner_;
+  bool pin_chunk(uint32_t chunk);
+  bool allocate_chunk(uint32_t chunk, uint64_t len);
+  uint64_t chunk_offset(uint32_t c) const { return static_cast<uint64_t>(c) * chunk_slots_ * slot_stride_; }
+  uint64_t chunk_len(uint32_t c) const {
+    return std::min<uint64_t>(static_cast<uint64_t>(chunk_slots_) * slot_stride_, mapped_bytes_ - chunk_offset(c));
+  }
+
+  std::unique_ptr<Pinner> pinner_;  // declared first: allocations below are released through it
   PinMode pin_mode_;
   uint64_t slot_bytes_;
   uint64_t slot_stride_;
@@ -79,9 +104,12 @@ class HostArena {
   uint32_t chunk_slots_;
   uint8_t* base_ = nullptr;
   uint64_t mapped_bytes_ = 0;
-  std::vector<uint8_t> chunk_pinned_;
+  std::vector<uint8_t*> chunk_base_;  // where each chunk's slots live
+  std::vector<uint8_t> chunk_state_;  // ChunkState per chunk, empty when not pinning
+  std::vector<std::unique_ptr<uint8_t, Release>> allocations_;
   uint64_t pinned_bytes_ = 0;
   std::string pin_error_;
+  std::string register_error_;
 };
 
 }  // namespace hostcache

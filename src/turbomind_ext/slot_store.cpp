@@ -109,6 +109,7 @@ uint64_t SlotStore::block_checksum(uint32_t block) {
 }
 
 StoreStats SlotStore::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);  // submit may be pinning a chunk
   StoreStats s;
   s.slots_total = arena_->num_slots();
   s.slot_bytes = regions_.slot_bytes();
@@ -118,6 +119,8 @@ StoreStats SlotStore::stats() const {
   s.pinned_bytes = arena_->pinned_bytes();
   s.pin_mode = arena_->pinning() ? pin_mode_name(arena_->pin_mode()) : "off";
   s.pin_error = arena_->pin_error();
+  s.pin_method = arena_->pin_method();
+  s.register_error = arena_->register_error();
   s.copy_engine = engine_->name();
   return s;
 }

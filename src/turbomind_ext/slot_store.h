@@ -37,6 +37,7 @@ struct StoreStats {
   bool pinned = false;
   uint64_t pinned_bytes = 0;
   std::string pin_mode, pin_error, copy_engine;
+  std::string pin_method, register_error;  // see HostArena::pin_method
 };
 
 class SlotStore {
@@ -70,7 +71,7 @@ class SlotStore {
   RegionTable regions_;
   std::unique_ptr<HostArena> arena_;
   std::unique_ptr<CopyEngine> engine_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   // The last transfer on each device block and slot. Weak: a finished
   // transfer may go; an unfinished one is held by unfinished_.
   std::vector<std::weak_ptr<Transfer>> last_block_use_, last_slot_use_;

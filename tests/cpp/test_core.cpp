@@ -2,6 +2,8 @@
 // invariants under random operations, exact round trips through the CPU copy
 // engine, and several threads sharing one HostCache.
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -10,6 +12,7 @@
 
 #include "block_key.h"
 #include "errors.h"
+#include "host_arena.h"
 #include "host_cache.h"
 #include "prefix_index.h"
 
@@ -238,6 +241,109 @@ void test_destroy_with_transfers_in_flight() {
   for (auto& r : records) CHECK(r->finished && r->ok);
 }
 
+// A Pinner that refuses registration after `register_ok` calls and allocation
+// after `allocate_ok`, allocating from the heap; counts outlive the arena.
+struct PinCounts {
+  int pins = 0, unpins = 0, allocations = 0, releases = 0;
+};
+class ScriptedPinner : public Pinner {
+ public:
+  ScriptedPinner(PinCounts& n, int register_ok, int allocate_ok) : n_(n), register_ok_(register_ok), allocate_ok_(allocate_ok) {}
+  void pin(void*, uint64_t) override {
+    if (n_.pins >= register_ok_) throw SystemError("cudaHostRegister refused (scripted)");
+    ++n_.pins;
+  }
+  void unpin(void*, uint64_t) noexcept override { ++n_.unpins; }
+  void* allocate(uint64_t bytes) override {
+    if (n_.allocations >= allocate_ok_) throw SystemError("cudaHostAlloc refused (scripted)");
+    ++n_.allocations;
+    return std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+  }
+  void release(void* p) noexcept override {
+    ++n_.releases;
+    std::free(p);
+  }
+
+ private:
+  PinCounts& n_;
+  int register_ok_, allocate_ok_;
+};
+
+uint8_t pattern(uint32_t slot, uint64_t i) { return static_cast<uint8_t>(slot * 13 + i * 7 + 1); }
+
+// Every slot keeps its own bytes whichever way its chunk was pinned.
+bool slots_hold_patterns(const HostArena& a) {
+  for (uint32_t s = 0; s < a.num_slots(); ++s)
+    for (uint64_t i = 0; i < a.slot_bytes(); ++i)
+      if (a.slot(s)[i] != pattern(s, i)) return false;
+  return true;
+}
+
+void write_patterns(HostArena& a) {
+  for (uint32_t s = 0; s < a.num_slots(); ++s)
+    for (uint64_t i = 0; i < a.slot_bytes(); ++i) a.slot(s)[i] = pattern(s, i);
+}
+
+void test_arena_pin_fallback() {
+  ArenaOptions o;
+  o.slot_bytes = 1000;                 // stride 1024: 4 slots per page
+  o.capacity_bytes = 64 * 1024;        // 64 slots
+  o.chunk_bytes = 16 * 1024;           // 4 chunks of 16 slots
+  {  // registration works: one method, nothing allocated
+    PinCounts n;
+    {
+      o.pin_mode = PinMode::kEager;
+      HostArena a(o, std::make_unique<ScriptedPinner>(n, 100, 100));
+      CHECK(a.pin_method() == "register" && a.register_error().empty() && a.pin_error().empty());
+      CHECK(a.pinned_bytes() == a.mapped_bytes() && n.pins == 4 && n.allocations == 0);
+    }
+    CHECK(n.unpins == 4);
+  }
+  {  // refused after the first chunk: the rest move to pinned allocations
+    PinCounts n;
+    {
+      o.pin_mode = PinMode::kEager;
+      HostArena a(o, std::make_unique<ScriptedPinner>(n, 1, 100));
+      CHECK(a.pin_method() == "register+allocate" && a.pin_error().empty());
+      CHECK(a.register_error().find("refused") != std::string::npos);
+      CHECK(a.pinned_bytes() == a.mapped_bytes() && n.allocations == 3);
+      for (uint32_t s = 0; s < a.num_slots(); ++s) CHECK(a.is_pinned(s));
+      write_patterns(a);
+      CHECK(slots_hold_patterns(a));
+    }
+    CHECK(n.unpins == 1 && n.releases == 3);
+  }
+  {  // lazy: bytes written before a chunk's first prepare survive its move
+    PinCounts n;
+    {
+      o.pin_mode = PinMode::kLazy;
+      HostArena a(o, std::make_unique<ScriptedPinner>(n, 0, 100));
+      CHECK(a.pin_method() == "none");
+      write_patterns(a);
+      uint8_t* before = a.slot(40);
+      CHECK(a.prepare(40));
+      CHECK(a.slot(40) != before && a.is_pinned(40) && !a.is_pinned(0));
+      CHECK(a.pin_method() == "allocate" && n.allocations == 1);
+      CHECK(slots_hold_patterns(a));
+    }
+    CHECK(n.releases == 1 && n.unpins == 0);
+  }
+  {  // both refused: unpinned, usable, and the error says both
+    PinCounts n;
+    {
+      o.pin_mode = PinMode::kEager;
+      HostArena a(o, std::make_unique<ScriptedPinner>(n, 0, 0));
+      CHECK(!a.prepare(0) && !a.is_pinned(0) && a.pinned_bytes() == 0);
+      CHECK(a.pin_error().find("cudaHostRegister refused") != std::string::npos);
+      CHECK(a.pin_error().find("cudaHostAlloc refused") != std::string::npos);
+      CHECK(a.pin_error().find("unpinned") != std::string::npos);
+      write_patterns(a);
+      CHECK(slots_hold_patterns(a));
+    }
+    CHECK(n.releases == 0 && n.unpins == 0);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -246,6 +352,7 @@ int main() {
   test_threads();
   test_failures_release_everything();
   test_destroy_with_transfers_in_flight();
+  test_arena_pin_fallback();
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

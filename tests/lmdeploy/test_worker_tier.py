@@ -128,6 +128,19 @@ def test_host_pool_sizing_by_ratio_size_and_ram():
                         [1 << 20], 1, available_ram=12 * GiB)
 
 
+def test_ram_reserve_can_be_set_and_bad_values_are_named(monkeypatch):
+    cc = SimpleNamespace(host_cache_ratio=0, host_cache_size=8.0, num_gpu_blocks=10)
+    monkeypatch.setenv("HOSTCACHE_RAM_RESERVE_GIB", "0")  # 16 GiB asked, 16 GiB available, nothing kept back
+    assert host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=16 * GiB) == 8192
+    monkeypatch.setenv("HOSTCACHE_RAM_RESERVE_GIB", "1")
+    with pytest.raises(ValueError, match=r"1 GiB is kept in reserve"):
+        host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=16 * GiB)
+    for bad in ("-1", "lots", "nan", "inf"):
+        monkeypatch.setenv("HOSTCACHE_RAM_RESERVE_GIB", bad)
+        with pytest.raises(ValueError, match=r"HOSTCACHE_RAM_RESERVE_GIB=.*number >= 0"):
+            host_pool_slots(cc, [1 << 20], 1, available_ram=16 * GiB)
+
+
 class _FakeTransfer:
     def __init__(self, log, name, direction):
         self.log, self.name, self.direction, self.finished = log, name, direction, False
@@ -150,6 +163,10 @@ class _FakeTransfer:
 class _FakeStore:
     def __init__(self):
         self.log, self.n = [], 0
+        self.pin = {"register_error": "", "pin_error": ""}
+
+    def stats(self):
+        return dict(self.pin)
 
     def _t(self, kind):
         self.n += 1
@@ -235,6 +252,30 @@ def test_cuda_forward_waits_on_the_newest_copy_of_each_stream(monkeypatch):
     w.before_model(_plan(wait_saves=True), "fwd")  # nothing left to wait for
     assert not store.log
     assert w.wait_seconds() == pytest.approx(2e-3)  # two waits of 1 ms each
+
+
+def test_pinning_fallbacks_are_said_once_each(monkeypatch, caplog):
+    """A lazy pool meets a refused registration while serving: one line for
+    the move to pinned allocations, one when those fail too, never repeated."""
+    import logging
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "Event", _TimingEvent)
+    monkeypatch.setattr("lmdeploy_patch.log._said", set())
+    store = _FakeStore()
+    w = WorkerTier(store, cuda=True)
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache"):
+        store.pin["register_error"] = "cudaHostRegister: operation not supported"
+        for _ in range(70):
+            w.after_model(_plan(post=[(1, 2)]), "fwd")
+        store.pin["pin_error"] = "cudaHostAlloc: out of memory"
+        for _ in range(70):
+            w.after_model(_plan(post=[(1, 2)]), "fwd")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "pinned allocations" in lines[0] and "operation not supported" in lines[0]
+    assert "pageable" in lines[1] and "out of memory" in lines[1]
 
 
 def test_tier_stays_off_with_a_connector_memdecode_or_dllm():
