@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if __package__ in (None, ""):  # `python benchmark/multiturn.py`: import the package this file belongs to
     sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmark.replay import CostModel, ReplayEngine, User  # noqa: E402
+from benchmark.replay import SESSIONS, CostModel, ReplayEngine, User  # noqa: E402
 from benchmark.server_client import ApiServer, run_users, scrape_metrics  # noqa: E402
 from benchmark.sharegpt import SimpleTokenizer, load_conversations  # noqa: E402
 
@@ -155,7 +155,8 @@ def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, k
                           max_batches=args.max_batches, kv_block_bytes=kv_bytes, cost=cost,
                           write_policy=args.write_policy)
     progress = progress_bar(label, "turn", args.quiet)
-    res = engine.run(users, args.concurrency, args.think_s, args.seed, progress, ramp_s=args.ramp_s)
+    res = engine.run(users, args.concurrency, args.think_s, args.seed, progress, ramp_s=args.ramp_s,
+                     sessions=args.sessions)
     out = res.summary()
     out["gpu_blocks"], out["host_blocks"], out["kv_block_bytes"] = gpu_blocks, host_slots, kv_bytes
     out["timeline"] = res.timeline[:: max(1, len(res.timeline) // 400)]
@@ -342,6 +343,14 @@ ROWS = [
 ]
 
 
+def lost_hits(run: dict) -> dict[str, int]:
+    """The tier's lost-hit counts of a run, by cause (empty without the tier)."""
+    from lmdeploy_patch.lost_hits import CAUSES
+
+    host = run.get("host") or {}
+    return {c: int(host[f"host_lost_{c}_tokens"]) for c in CAUSES if f"host_lost_{c}_tokens" in host}
+
+
 def print_table(runs: dict[str, dict]) -> None:
     names = list(runs)
     print(f"{'':38}" + "".join(f"{n:>16}" for n in names))
@@ -357,6 +366,12 @@ def print_table(runs: dict[str, dict]) -> None:
         for name in (n for n in runs if n.startswith("on")):
             print(f"recomputed({name}) / recomputed(ideal: tier off, a GPU cache that never evicts) = "
                   f"{runs[name]['tokens_recomputed']} / {ideal} = {ratio(runs[name]['tokens_recomputed'], ideal):.3f}")
+            lost = lost_hits(runs[name])
+            if lost:
+                print(f"  lost hits of {name} by cause (tokens; lmdeploy_patch/lost_hits.py): "
+                      + ", ".join(f"{c} {n}" for c, n in lost.items())
+                      + f"; sum {sum(lost.values())}, recomputed({name}) - recomputed(ideal) = "
+                      f"{runs[name]['tokens_recomputed'] - ideal}")
     if "off" in runs and "on" in runs:
         off, on = runs["off"], runs["on"]
 
@@ -448,6 +463,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CostModel]:
     ap.add_argument("--ramp-s", type=float,
                     help="the first --concurrency users arrive evenly over this many seconds, not all at once "
                          "(default: --think-s)")
+    ap.add_argument("--sessions", choices=SESSIONS, default="stateless",
+                    help="--replay: a new LMDeploy session per turn, as the api_server does (stateless), or one "
+                         "open session per conversation (interactive); benchmark/replay.py says more")
     ap.add_argument("--max-turns", type=int, default=6)
     ap.add_argument("--max-user-tokens", type=int, default=1024)
     ap.add_argument("--max-reply-tokens", type=int, default=256)

@@ -5,6 +5,16 @@ or without it; forwards are not executed.
 Token counts by tier are exact for this scheduler; times are ESTIMATES from a
 cost model (prefill tokens/s, decode step time, copy GB/s), so a run on a
 2-core machine says what the tier would do on the GPU the constants describe.
+
+Sessions, two ways LMDeploy is driven:
+  stateless (default)  every turn is a new LMDeploy session that resends the
+      conversation and ends with its reply, as LMDeploy's api_server (OpenAI
+      chat completions) and the pipeline's chat/stream APIs without a session
+      do: reuse across turns goes through the prefix cache only.
+  interactive  one LMDeploy session per conversation that stays open between
+      turns (sequence_start/sequence_end, pipeline sessions): a stopped
+      sequence keeps its blocks, partial last block included, until the
+      scheduler reclaims them for another request.
 """
 from __future__ import annotations
 
@@ -95,6 +105,9 @@ class ReplayResult:
         }
 
 
+SESSIONS = ("stateless", "interactive")
+
+
 class ReplayEngine:
     """LMDeploy's scheduler stepped like its engine loop, time from a cost model."""
 
@@ -112,10 +125,14 @@ class ReplayEngine:
         self.cost = cost
 
     def run(self, users: list[User], concurrency: int, think_s: float, seed: int,
-            progress: Optional[Callable[[int, int], None]] = None, ramp_s: float = 0.0) -> ReplayResult:
+            progress: Optional[Callable[[int, int], None]] = None, ramp_s: float = 0.0,
+            sessions: str = "stateless") -> ReplayResult:
         """ramp_s spreads the first `concurrency` users' arrivals evenly over
-        that many seconds (later users start when one finishes)."""
-        return _Replay(self, users, concurrency, think_s, seed, progress, ramp_s).run()
+        that many seconds (later users start when one finishes); sessions:
+        module docstring."""
+        if sessions not in SESSIONS:
+            raise ValueError(f"sessions must be one of {SESSIONS}, got {sessions!r}")
+        return _Replay(self, users, concurrency, think_s, seed, progress, ramp_s, sessions).run()
 
     def _forward(self, batch: list, plan, prefill: bool, host_tokens: dict) -> None:
         """No model: the plan and host hits are what the step's cost is counted from."""
@@ -136,7 +153,7 @@ class _Replay:
     """One replay: users arriving, thinking and taking turns on one ReplayEngine's clock."""
 
     def __init__(self, engine: ReplayEngine, users: list[User], concurrency: int, think_s: float, seed: int,
-                 progress: Optional[Callable[[int, int], None]], ramp_s: float):
+                 progress: Optional[Callable[[int, int], None]], ramp_s: float, sessions: str = "stateless"):
         rng = np.random.default_rng(seed)
         # Drawn up front per (user, turn), so runs that finish turns in a
         # different order (tier off and on) still give every user the same pauses.
@@ -155,6 +172,9 @@ class _Replay:
         self.running: list = []
         self.owner: dict[int, User] = {}
         self.total_turns = sum(len(u.turns) for u in users)
+        self.stateless = sessions == "stateless"
+        self.session_of: dict[int, int] = {}  # uid -> its LMDeploy session id now
+        self.next_session = 0
 
     def run(self) -> ReplayResult:
         res, wall0 = self.res, time.perf_counter()
@@ -180,7 +200,14 @@ class _Replay:
 
     def start_turn(self, user: User) -> None:
         msg, _ = user.turns[user.turn]
-        user.seq = self.loop.start_turn(user.uid, msg, user.seq)
+        if self.stateless:  # a new session with the whole conversation so far
+            prompt = np.concatenate([x for m, r in user.turns[:user.turn] for x in (m, r)] + [msg])
+            self.session_of[user.uid], self.next_session = self.next_session, self.next_session + 1
+            user.seq = self.loop.start_turn(self.session_of[user.uid], prompt.astype(msg.dtype, copy=False))
+        else:
+            if user.seq is None:
+                self.session_of[user.uid], self.next_session = self.next_session, self.next_session + 1
+            user.seq = self.loop.start_turn(self.session_of[user.uid], msg, user.seq)
         user.arrival, user.first_token_at, user.reply_pos = self.now, None, 0
         self.waiting[id(user.seq)] = user
         self.owner[id(user.seq)] = user
@@ -189,10 +216,11 @@ class _Replay:
         user.seq.finish()
         self.res.requests += 1
         user.turn += 1
+        if self.stateless or user.turn == len(user.turns):
+            self.engine.scheduler.end_session(self.session_of[user.uid])
         if user.turn < len(user.turns):
             heapq.heappush(self.arrivals, (self.now + float(self.think[user.uid][user.turn - 1]), user.uid))
         else:
-            self.engine.scheduler.end_session(user.uid)
             if self.queue:
                 heapq.heappush(self.arrivals, (self.now, self.queue.pop()))
         if self.progress:

@@ -40,7 +40,8 @@ class HostCopyPlan:
     # Whether restores must start after the forwards already queued. A
     # restore writes blocks just allocated; one of them can still be in use
     # by the forward in flight only if it belonged to that forward's batch
-    # (a sequence that ended or was preempted while its last step runs).
+    # (a sequence that ended or was preempted while its last step runs), or
+    # if a pre save of this plan reads it (a block freed by an eviction).
     # Otherwise the restore runs on the restore stream while that forward computes.
     restore_after_forward: bool = True
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from .lost_hits import CAUSES
+
 # metric name suffix -> (key in HostTier.metrics(), help text)
 GAUGES = {
     "hit_tokens": ("host_hit_tokens", "Prompt tokens served from the host KV tier (cumulative)."),
@@ -29,6 +31,12 @@ GAUGES = {
     "occupancy": ("host_occupancy", "Host-tier blocks held / capacity."),
     "restore_wait_seconds": ("host_restore_wait_seconds",
                              "Seconds forwards waited for host copies, this process's ranks (cumulative)."),
+    "tails_saved": ("host_tails_saved", "Partial last blocks saved when their sequence's blocks were reclaimed "
+                                        "(cumulative)."),
+    "tail_hit_tokens": ("host_tail_hit_tokens", "Of hit_tokens, those from partial last blocks (cumulative)."),
+    **{f"lost_{cause}_tokens": (f"host_lost_{cause}_tokens",
+                                f"Prompt tokens a never-evicting GPU cache would have served, recomputed: {cause} "
+                                "(cumulative; lmdeploy_patch/lost_hits.py).") for cause in CAUSES},
 }
 
 _LABELS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()

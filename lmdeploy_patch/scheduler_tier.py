@@ -21,6 +21,18 @@ chained XXH64 over (parent key, namespace, token ids), computed when the
 node attaches (LMDeploy's own block hash is salted per process). A node with
 multimodal identity, or under one, gets None and is neither saved nor
 matched. Per-sequence state is keyed by `seq.seq_id`.
+
+Session tails. LMDeploy's trie holds full blocks only; a session between
+turns keeps its last, partial block in its own sequence (a STOPPED sequence
+keeps its blocks), until the scheduler reclaims them for another request.
+The next turn then recomputes that tail, up to block_size - 1 tokens, which a
+GPU cache that never evicts would have kept: at 64-token blocks, that was the
+whole gap between the tier and such a cache on the multi-turn replay
+(benchmark/RESULTS.md). So when a sequence's blocks are released with a
+partial tail whose KV is computed, the tail is saved too, as an index entry
+under the chain key of its last full block, with its tokens padded by
+TAIL_PAD (never a token id, so no full-block match can reach it), and the
+session's next match restores it into its fresh block and resumes mid-block.
 """
 from __future__ import annotations
 
@@ -36,9 +48,13 @@ from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
 from .copy_plan import HostCopyPlan
 from .eligibility import off_reason, tier_slots, turn_off
 from .log import log_once
+from .lost_hits import LostHits
 from .settings import WRITE_POLICIES, host_cache_requested
 
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
+_NO_SLOTS = np.empty(0, dtype=np.uint32)
+# Pads a session tail's tokens to a whole block (module docstring): no token id is negative.
+TAIL_PAD = -1
 # write_through_selective saves a block once the GPU trie has served it this many times.
 SELECTIVE_MIN_HITS = 1
 
@@ -79,10 +95,19 @@ def record_of(node: Any) -> Optional[NodeRecord]:
     return _RECORDS.get(node)
 
 
+def padded_tail(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """A partial block's tokens as the index keys them (module docstring)."""
+    out = np.full(block_size, TAIL_PAD, dtype=np.int32)
+    out[:len(tokens)] = tokens
+    return out
+
+
 @dataclass
 class _PendingRestore:
-    slots: np.ndarray   # host slots in prefix order, pinned in the index
+    slots: np.ndarray   # host slots in prefix order, pinned in the index (a session tail last)
     first_block: int    # index in seq.logical_blocks of the first restored block
+    hit_tokens: int     # tokens the slots hold: whole blocks, plus a tail's tokens
+    tail_tokens: int = 0  # of those, the session tail's (its slot is the last)
     fresh: Optional[np.ndarray] = None  # logical ids allocated for them, before trie dedup
 
 
@@ -94,6 +119,9 @@ class HostTierStats:
     blocks_restored: int = 0
     saves_dropped: int = 0    # no evictable slot: every slot pinned or an inner node
     restores_skipped: int = 0  # another sequence attached the same block first
+    tails_saved: int = 0      # session tails saved when their blocks were released
+    tail_hit_tokens: int = 0  # of hit_tokens, those from session tails
+    tails_planned: int = 0    # tail slots among blocks_restored + restores_skipped
 
 
 class HostTier:
@@ -121,6 +149,13 @@ class HostTier:
         # seq_id -> tokens its tentative match looked up in host memory, hit
         # or miss: a rollback undoes them, as LMDeploy restores its own stats.
         self._queried: dict[int, int] = {}
+        self._tails: dict[int, int] = {}  # seq_id -> tokens of its saved session tail
+        # seq_id -> (tokens it had computed, whether it was preempted) when its
+        # blocks were reclaimed or it was preempted: what a cache that never
+        # evicts keeps, and what one that never preempts never recomputes (lost_hits.py)
+        self._released: dict[int, tuple[int, bool]] = {}
+        self.lost = LostHits()
+        self._removing: Optional[int] = None  # seq_id whose session is being removed
 
     def serve(self, *owners: Any) -> None:
         """`tier_of(owner)` is this tier from now on."""
@@ -141,8 +176,9 @@ class HostTier:
             return
         ns = adapter_namespace(node.adapter_name)
         tokens = as_tokens(node.token_ids)
-        _RECORDS[node] = NodeRecord(self, _core.chain_key(parent_record.key, ns, tokens), parent_record.key, ns,
-                                    tokens)
+        key = _core.chain_key(parent_record.key, ns, tokens)
+        _RECORDS[node] = NodeRecord(self, key, parent_record.key, ns, tokens)
+        self.lost.computed(key)
         if self.write_policy == "write_through":
             self._post_nodes.append(node)
 
@@ -181,6 +217,10 @@ class HostTier:
         or None when it is already stored or cannot be."""
         status, key, slot = self.index.reserve(rec.parent_key, rec.ns, rec.tokens)
         rec.saved = True
+        if status in ("full", "collision"):
+            self.lost.dropped(key)
+        else:
+            self.lost.saved(key)
         if status == "created":
             # Settled as planned (module docstring): the restore of a later
             # plan reads this save's bytes on every rank.
@@ -222,28 +262,119 @@ class HostTier:
         # token, and the sequence's clamps (multimodal spans, limits).
         end = (seq.num_valid_ids - 1) // bs * bs
         end = seq.clamp_prefix_cache_match_step(min(end, seq.get_prefix_cache_max_match_step()))
-        if end <= start:
-            return
-        tokens = seq.history_cache[start:end]
-        self.stats.queried_tokens += end - start
-        self._queried[seq.seq_id] = end - start
-        _, slots = self.index.match(cursor_record.key, adapter_namespace(seq.adapter_name), as_tokens(tokens), True)
+        ns = adapter_namespace(seq.adapter_name)
+        keys, slots = _NO_BLOCKS, _NO_SLOTS
+        queried = 0
+        if end > start:
+            queried = end - start
+            keys, slots = self.index.match(cursor_record.key, ns, as_tokens(seq.history_cache[start:end]), True)
+        after = start + len(slots) * bs
+        parent = keys[-1] if len(keys) else cursor_record.key
+        tail, tail_tokens = self._match_tail(seq, parent, ns, after)
+        self._note_lost(seq, parent, ns, after, end, after + tail_tokens)
+        queried += tail_tokens if tail is not None else 0
+        self.stats.queried_tokens += queried
+        self._queried[seq.seq_id] = queried
+        if tail is not None:
+            slots = np.append(slots, np.uint32(tail))
         if not len(slots):
             return
-        hit = len(slots) * bs
-        self._restores[seq.seq_id] = _PendingRestore(slots, start // bs)
+        hit = after - start + tail_tokens
+        self._restores[seq.seq_id] = _PendingRestore(slots, start // bs, hit, tail_tokens)
         seq.set_step(start + hit)
         if not seq.prefix_cache.suppress_match_stats:
             trie.stats.num_hit_tokens += hit  # rollback restores LMDeploy's snapshot of these stats
         self.stats.hit_tokens += hit
+        self.stats.tail_hit_tokens += tail_tokens
+
+    def _note_lost(self, seq: Any, parent: int, ns: int, after: int, end: int, served: int) -> None:
+        """What this admission recomputes that a never-evicting cache would
+        have served (lost_hits.py): `served` tokens are cached now, whole
+        host blocks reach `after`, LMDeploy's match could reach `end`."""
+        bs = self.block_size
+        released = self._released.get(seq.seq_id)  # kept until the sequence runs: a rollback retries
+        if released is not None and released[1]:
+            return  # preempted: counted when it runs (_planned_restores)
+        blocks, cause = 0, None
+        if end > after:
+            keys = _core.block_keys(parent, ns, as_tokens(seq.history_cache[after:end]), bs)
+            blocks, cause = self.lost.chain_loss(keys, 0)
+        chain = min(blocks * bs, max(0, end - served))
+        if cause is not None:
+            self.lost.note(seq.seq_id, cause, chain)
+        if released is not None:  # its blocks were reclaimed: such a cache would have kept them
+            self.lost.note(seq.seq_id, "partial_block", released[0] - max(served, after + chain))
+
+    def _match_tail(self, seq: Any, parent_key: int, ns: int, at: int) -> tuple[Optional[int], int]:
+        """The slot (pinned) of seq's session tail if it continues the
+        prefix at token `at` and leaves the last token to compute, and its tokens."""
+        n = self._tails.get(seq.seq_id, 0)
+        # LMDeploy's limits on a match, less their rounding to whole blocks:
+        # the last token (and a logprob start) stays to compute, and no
+        # multimodal span or embedding may be cut.
+        if n == 0 or at % self.block_size or at + n > seq.get_prefix_cache_max_candidate_step():
+            return None, 0
+        if seq.prefix_cache.recompute_overlap.recompute_blocks > 0 or not seq.is_prefix_cache_boundary_safe(at + n):
+            return None, 0
+        _, slots = self.index.match(parent_key, ns, padded_tail(seq.history_cache[at:at + n], self.block_size),
+                                    True)
+        return (int(slots[0]), n) if len(slots) else (None, 0)
+
+    def on_release(self, seq: Any) -> None:
+        """seq's blocks are about to go back to LMDeploy's allocator: save its
+        session tail (module docstring), then drop a restore never planned."""
+        if seq.seq_id != self._removing:
+            if seq.num_history_ids > 0 and seq.seq_id not in self._restores \
+                    and not self._released.get(seq.seq_id, (0, False))[1]:  # a preemption stays one
+                self._released[seq.seq_id] = (seq.num_history_ids, False)
+            self._save_tail(seq)
+        self.cancel(seq)
+
+    def on_preempt(self, seq: Any) -> None:
+        """A running sequence goes back to waiting (LMDeploy's preempt_seqs)."""
+        self._released[seq.seq_id] = (seq.num_history_ids, True)
+
+    def _save_tail(self, seq: Any) -> None:
+        bs = self.block_size
+        h = seq.num_history_ids
+        n = h % bs
+        # A pending restore means these tokens' KV has not landed yet.
+        if n == 0 or seq.seq_id in self._restores or seq.num_blocks * bs < h:
+            return
+        if seq.prefix_cache.multimodal_spans or seq.return_routed_experts:
+            return  # not keyed / not replayable here, as in continue_match
+        cursor = seq.prefix_cache.trie_cursor
+        rec = _RECORDS.get(cursor) if cursor is not None else None
+        start = h - n
+        if rec is None or rec.key is None or cursor.prefix_len != start:
+            return  # the chain up to the tail is not the trie's: no key to save it under
+        status, _, slot = self.index.reserve(rec.key, adapter_namespace(seq.adapter_name),
+                                             padded_tail(seq.history_cache[start:h], bs))
+        if status == "created":
+            self.index.saved(slot, True)  # settled as planned (module docstring)
+            logical = seq.logical_blocks.get_real_blocks()[start // bs]
+            self._pre.append((slot, int(self.allocator.get_physical_blocks(np.array([logical]))[0])))
+            self._evicted = True  # the block is freed now: the next forward waits for this save
+            self.stats.blocks_saved += 1
+            self.stats.tails_saved += 1
+        elif status in ("full", "collision"):
+            self.stats.saves_dropped += 1
+            return
+        self._tails[seq.seq_id] = n
+
+    def removing(self, seq: Any) -> "_Removing":
+        """Around LMDeploy's remove_sequence: the session ends, its tail is not kept."""
+        return _Removing(self, seq.seq_id)
 
     def cancel(self, seq: Any) -> None:
         """The sequence gave up its blocks (rollback, preemption, stop, end)
         before its restore was planned: drop the pins."""
         self.stats.queried_tokens -= self._queried.pop(seq.seq_id, 0)  # a retried match counts them again
+        self.lost.rollback(seq.seq_id)
         pending = self._restores.pop(seq.seq_id, None)
         if pending is not None:
-            self.stats.hit_tokens -= len(pending.slots) * self.block_size
+            self.stats.hit_tokens -= pending.hit_tokens
+            self.stats.tail_hit_tokens -= pending.tail_tokens
             self.index.release(pending.slots)
 
     def before_trie_allocate(self, seq: Any) -> None:
@@ -261,7 +392,11 @@ class HostTier:
         restore = self._planned_restores(running)
         post = self._planned_saves()
         wait_saves, self._evicted = self._evicted, False
-        after_forward = bool(pre) or self._touches_in_flight(restore)
+        # A restore into a block a pre save reads queues behind that save on
+        # every rank (SlotStore orders shared blocks across its streams), and
+        # the save behind the forwards queued: waiting here too is explicit.
+        pre_blocks = {b for _, b in pre}
+        after_forward = any(b in pre_blocks for _, b in restore) or self._touches_in_flight(restore)
         self._note_in_flight(running)
         return HostCopyPlan.build(pre, restore, post, wait_saves=wait_saves, restore_after_forward=after_forward)
 
@@ -270,6 +405,11 @@ class HostTier:
         restore: list[tuple[int, int]] = []
         for seq in running:
             self._queried.pop(seq.seq_id, None)
+            released = self._released.pop(seq.seq_id, None)
+            if released is not None and released[1]:
+                # Such a cache never preempts: all this admission computes is lost to the preemption.
+                self.lost.note(seq.seq_id, "preempted", seq.num_all_ids - seq.num_history_ids)
+            self.lost.commit(seq.seq_id)
             pending = self._restores.pop(seq.seq_id, None)
             if pending is None:
                 continue
@@ -282,6 +422,7 @@ class HostTier:
             # being filled by that sequence: leave it alone.
             taken = np.ones(n, dtype=bool) if pending.fresh is None else logical == pending.fresh
             self.stats.restores_skipped += int(n - np.count_nonzero(taken))
+            self.stats.tails_planned += pending.tail_tokens > 0
             self.index.release(pending.slots[~taken])
             # The restore takes the match's pins over and is settled as
             # planned (module docstring): later copies into these slots queue behind it.
@@ -327,7 +468,9 @@ class HostTier:
         every host entry and everything planned; figures stay cumulative."""
         self._evictions_before += self.index.evictions
         self.index = _core.TierIndex(self.index.capacity, self.block_size)
-        self._pre, self._post_nodes, self._restores, self._queried = [], [], {}, {}
+        self._pre, self._post_nodes, self._restores, self._queried, self._tails = [], [], {}, {}, {}
+        self._released = {}
+        self.lost.reset()
         self._evicted = False
         self._in_flight = (_NO_BLOCKS, _NO_BLOCKS)
 
@@ -337,7 +480,7 @@ class HostTier:
     def pending_restore_tokens(self, seq: Any) -> int:
         """Prompt tokens of `seq` that the next plan restores from host memory."""
         pending = self._restores.get(seq.seq_id)
-        return len(pending.slots) * self.block_size if pending is not None else 0
+        return pending.hit_tokens if pending is not None else 0
 
     def metrics(self) -> dict:
         """Figures for LMDeploy's metrics path (hooks/scheduler.py)."""
@@ -349,9 +492,24 @@ class HostTier:
             "host_blocks_saved": s.blocks_saved, "host_blocks_restored": s.blocks_restored,
             "host_bytes_saved": s.blocks_saved * self.bytes_per_block,
             "host_bytes_restored": s.blocks_restored * self.bytes_per_block,
-            "host_saves_dropped": s.saves_dropped, "host_evictions": self._evictions_before + self.index.evictions,
+            "host_saves_dropped": s.saves_dropped, "host_tails_saved": s.tails_saved,
+            "host_tail_hit_tokens": s.tail_hit_tokens, **self.lost.metrics(), "host_evictions": self._evictions_before + self.index.evictions,
             "host_slots_used": used, "host_slots_total": total, "host_occupancy": used / total,
         }
+
+
+class _Removing:
+    def __init__(self, tier: HostTier, seq_id: int):
+        self.tier, self.seq_id = tier, seq_id
+
+    def __enter__(self) -> None:
+        self.tier._removing = self.seq_id
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tier._removing = None
+        self.tier._tails.pop(self.seq_id, None)
+        self.tier._released.pop(self.seq_id, None)
+        self.tier.lost.rollback(self.seq_id)
 
 
 def prepare(cache_config: Any) -> None:

@@ -54,3 +54,26 @@ def test_replay_counts_tokens_by_tier(tmp_path, scenario):
     if scenario == "quant":  # same host bytes, 3.8x more int4 blocks
         assert runs["on int4"]["host_blocks"] > 3 * runs["on bf16"]["host_blocks"]
     assert (tmp_path / "ttft_cdf.png").exists() or "matplotlib" not in sys.modules
+
+
+@pytest.mark.parametrize("extra", [[], ["--host-gib", "0.05"], ["--write-policy", "write_through_selective"]],
+                         ids=["default", "small-host-pool", "selective"])
+def test_lost_hits_add_up_to_the_gap_to_the_ideal(tmp_path, extra):
+    """Every prompt token the tier recomputes that the never-evicting run did
+    not is counted under one cause (lmdeploy_patch/lost_hits.py), exactly."""
+    out = tmp_path / "r.json"
+    assert multiturn.main(["--replay", "--quiet", "--users", "24", "--concurrency", "12", "--max-turns", "4",
+                           "--json", str(out), *extra]) == 0
+    data = json.loads(out.read_text())
+    lost = multiturn.lost_hits(data["on"])
+    gap = data["on"]["tokens_recomputed"] - data["ideal"]["tokens_recomputed"]
+    assert sum(lost.values()) == gap, (lost, gap)
+    if not extra:
+        # A host pool that holds the working set serves every reusable block:
+        # what is left is the small GPU cache preempting (an unbounded one never does).
+        assert all(n == 0 for c, n in lost.items() if c != "preempted"), lost
+        assert data["on"]["tokens_recomputed"] <= 1.02 * data["ideal"]["tokens_recomputed"]
+    elif extra[0] == "--host-gib":
+        assert lost["evicted_from_host"] > 0, lost
+    else:
+        assert lost["never_saved"] > 0, lost

@@ -1,6 +1,8 @@
 """lmdeploy.pytorch.paging.scheduler.Scheduler: the tier is built with the
-scheduler (once the trie and the allocator exist), and its figures ride on
-LMDeploy's ScheduleMetrics (metrics_export.py)."""
+scheduler (once the trie and the allocator exist), its figures ride on
+LMDeploy's ScheduleMetrics (metrics_export.py), and preemptions (a running
+sequence that cannot grow goes back to waiting, its blocks kept for now) are
+noted for the lost-hit books (lost_hits.py); nothing of LMDeploy's changes."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -31,3 +33,16 @@ def schedule_metrics(original: Callable, self: Any) -> Any:
 
         metrics.host_cache = {**tier.metrics(), **local_wait_seconds()}
     return metrics
+
+
+@wrap(SCHEDULER, "Scheduler.preempt_seqs", ["self", "seqs"])
+def preempt_seqs(original: Callable, self: Any, seqs: Any) -> Any:
+    from ..scheduler_tier import tier_of
+
+    tier = tier_of(self)
+    if tier is None:
+        return original(self, seqs)
+    seqs = list(seqs)  # an iterable: read it once for the tier, once for LMDeploy
+    for seq in seqs:
+        tier.on_preempt(seq)
+    return original(self, seqs)

@@ -1,7 +1,14 @@
-"""lmdeploy.pytorch.paging.seq_states.states.SequenceLifecycle.release_paging_resources:
-a sequence's blocks go back (the scheduler reclaiming them under memory
-pressure, an admission rollback's reset, end_session); the tier drops the
-slot pins of a restore that will never be planned."""
+"""lmdeploy.pytorch.paging.seq_states.states.SequenceLifecycle:
+
+- release_paging_resources: a sequence's blocks go back (the scheduler
+  reclaiming them under memory pressure or preempting it, an admission
+  rollback's reset, the session's removal). The tier first saves the
+  sequence's partial last block (its session tail, scheduler_tier.py) while
+  the block is still the sequence's, then drops the slot pins of a restore
+  that will never be planned.
+- remove_sequence: the session ends; its tail is not worth a copy, and the
+  tier forgets it.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -15,5 +22,16 @@ def release_paging_resources(original: Callable, self: Any, seq: Any) -> Any:
 
     tier = tier_of(self)
     if tier is not None:
-        tier.cancel(seq)
+        tier.on_release(seq)
     return original(self, seq)
+
+
+@wrap("lmdeploy.pytorch.paging.seq_states.states", "SequenceLifecycle.remove_sequence", ["self", "seq"])
+def remove_sequence(original: Callable, self: Any, seq: Any) -> Any:
+    from ..scheduler_tier import tier_of
+
+    tier = tier_of(self)
+    if tier is None:
+        return original(self, seq)
+    with tier.removing(seq):
+        return original(self, seq)

@@ -421,6 +421,15 @@ PYBIND11_MODULE(_core, m) {
         return chain_key(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()));
       },
       py::arg("parent"), py::arg("namespace"), py::arg("tokens"));
+  m.def(
+      "block_keys",
+      [](uint64_t parent, uint64_t ns, Tokens tokens, uint32_t block_tokens) {
+        require_1d(tokens, "tokens");
+        HC_REQUIRE(block_tokens > 0, "block_tokens must be positive");
+        return to_array(block_chain_keys(parent, ns, tokens.data(), static_cast<size_t>(tokens.size()), block_tokens));
+      },
+      py::arg("parent"), py::arg("namespace"), py::arg("tokens"), py::arg("block_tokens"),
+      "Keys of the full blocks of tokens, chained from parent (a partial last block has none).");
 
   bind_prefix_index(m);
   bind_tier_index(m);

@@ -30,4 +30,11 @@ uint64_t chain_key(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n
   return k == kRootKey ? 1 : k;
 }
 
+std::vector<uint64_t> block_chain_keys(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n,
+                                       uint32_t block_tokens) {
+  std::vector<uint64_t> keys(block_tokens ? n / block_tokens : 0);
+  for (size_t i = 0; i < keys.size(); ++i) keys[i] = parent = chain_key(parent, ns, tokens + i * block_tokens, block_tokens);
+  return keys;
+}
+
 }  // namespace hostcache

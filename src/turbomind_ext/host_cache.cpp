@@ -23,10 +23,7 @@ HostCache::~HostCache() {
 }
 
 std::vector<uint64_t> HostCache::block_keys(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n) const {
-  const uint32_t bt = tier_.block_tokens();
-  std::vector<uint64_t> keys(n / bt);
-  for (size_t i = 0; i < keys.size(); ++i) keys[i] = parent = chain_key(parent, ns, tokens + i * bt, bt);
-  return keys;
+  return block_chain_keys(parent, ns, tokens, n, tier_.block_tokens());
 }
 
 std::vector<MatchStep> HostCache::match(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n, bool pin) {
