@@ -132,6 +132,8 @@ class ReplayEngine:
         module docstring."""
         if sessions not in SESSIONS:
             raise ValueError(f"sessions must be one of {SESSIONS}, got {sessions!r}")
+        if self.tier is not None:  # open sessions continue: their stopped sequences' tails pay
+            self.tier.save_stopped_tails = sessions == "interactive"
         return _Replay(self, users, concurrency, think_s, seed, progress, ramp_s, sessions).run()
 
     def _forward(self, batch: list, plan, prefill: bool, host_tokens: dict) -> None:

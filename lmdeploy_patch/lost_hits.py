@@ -33,13 +33,22 @@ from collections import Counter
 from typing import Iterable, Optional
 
 CAUSES = ("never_saved", "save_dropped", "evicted_from_host", "partial_block", "preempted")
-SHADOW_KEYS = 1 << 21  # about 150 MiB of Python ints at most
+# Three books of Python ints, about 75 bytes a key each: at most ~450 MiB.
+SHADOW_KEYS = 1 << 21
+
+
+def shadow_keys(host_slots: int, gpu_blocks: int) -> int:
+    """Keys each book keeps: four times what the engine can hold at once,
+    at least 65,536 (about 15 MiB in all) and at most SHADOW_KEYS. A bound on memory, not a model: a block older than
+    that is forgotten and its loss goes uncounted (the sum then falls short
+    of the gap, never over it)."""
+    return max(1 << 16, min(SHADOW_KEYS, 4 * (host_slots + gpu_blocks)))
 
 
 class LostHits:
     """The books of lost hits of one engine (module docstring)."""
 
-    def __init__(self, shadow_keys: int = SHADOW_KEYS):
+    def __init__(self, shadow_keys: int = SHADOW_KEYS):  # noqa: F811 - the parameter, not the function
         self.shadow_keys = shadow_keys
         self._seen: dict[int, None] = {}     # computed blocks, oldest first
         self._saved: dict[int, None] = {}    # blocks saved at least once, oldest first

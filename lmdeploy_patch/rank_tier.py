@@ -92,7 +92,7 @@ class WorkerTier:
         if stats.get("register_error") and "register" not in self._pin_said:
             self._pin_said.add("register")
             log_once(f"registering the host pool with CUDA was refused ({stats['register_error']}); "
-                     "its chunks are pinned allocations instead (same copy speed, no action needed)")
+                     "its chunks are pinned allocations instead, which copy as fast; serving goes on")
         if stats.get("pin_error") and "unpinned" not in self._pin_said:
             self._pin_said.add("unpinned")
             log_once(f"the host pool could not be pinned ({stats['pin_error']}); copies run from pageable "

@@ -48,7 +48,7 @@ from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
 from .copy_plan import HostCopyPlan
 from .eligibility import off_reason, tier_slots, turn_off
 from .log import log_once
-from .lost_hits import LostHits
+from .lost_hits import LostHits, shadow_keys
 from .settings import WRITE_POLICIES, host_cache_requested
 
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
@@ -128,7 +128,7 @@ class HostTier:
     """Scheduler-side host tier of one engine (one index for all ranks)."""
 
     def __init__(self, num_slots: int, block_size: int, write_policy: str, bytes_per_block: int,
-                 allocator: Any):
+                 allocator: Any, num_gpu_blocks: int = 0):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"host_cache_write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
         self.index = _core.TierIndex(num_slots, block_size)
@@ -154,8 +154,12 @@ class HostTier:
         # blocks were reclaimed or it was preempted: what a cache that never
         # evicts keeps, and what one that never preempts never recomputes (lost_hits.py)
         self._released: dict[int, tuple[int, bool]] = {}
-        self.lost = LostHits()
-        self._removing: Optional[int] = None  # seq_id whose session is being removed
+        self.lost = LostHits(shadow_keys(num_slots, num_gpu_blocks))
+        self._removing: Optional[int] = None  # seq_id whose release saves no tail (removal, rollback)
+        # Stopped sequences' tails pay only if their session continues, which
+        # LMDeploy 0.18.0's serving stack never does (docs/lmdeploy_hook_notes.md
+        # section 10): set by drivers that keep sessions open (the replay's interactive mode).
+        self.save_stopped_tails = False
 
     def serve(self, *owners: Any) -> None:
         """`tier_of(owner)` is this tier from now on."""
@@ -324,10 +328,10 @@ class HostTier:
         """seq's blocks are about to go back to LMDeploy's allocator: save its
         session tail (module docstring), then drop a restore never planned."""
         if seq.seq_id != self._removing:
-            if seq.num_history_ids > 0 and seq.seq_id not in self._restores \
-                    and not self._released.get(seq.seq_id, (0, False))[1]:  # a preemption stays one
-                self._released[seq.seq_id] = (seq.num_history_ids, False)
-            self._save_tail(seq)
+            if seq.num_history_ids > 0 and seq.seq_id not in self._restores:
+                self._released.setdefault(seq.seq_id, (seq.num_history_ids, False))  # a preemption stays one
+            if self.save_stopped_tails or not _is_stopped(seq):
+                self._save_tail(seq)
         self.cancel(seq)
 
     def on_preempt(self, seq: Any) -> None:
@@ -338,6 +342,7 @@ class HostTier:
         bs = self.block_size
         h = seq.num_history_ids
         n = h % bs
+        self._tails.pop(seq.seq_id, None)  # an older tail is not this history's
         # A pending restore means these tokens' KV has not landed yet.
         if n == 0 or seq.seq_id in self._restores or seq.num_blocks * bs < h:
             return
@@ -364,7 +369,11 @@ class HostTier:
 
     def removing(self, seq: Any) -> "_Removing":
         """Around LMDeploy's remove_sequence: the session ends, its tail is not kept."""
-        return _Removing(self, seq.seq_id)
+        return _Removing(self, seq.seq_id, forget=True)
+
+    def rolling_back(self, seq: Any) -> "_Removing":
+        """Around LMDeploy's admission rollback: its release saves nothing."""
+        return _Removing(self, seq.seq_id, forget=False)
 
     def cancel(self, seq: Any) -> None:
         """The sequence gave up its blocks (rollback, preemption, stop, end)
@@ -498,18 +507,27 @@ class HostTier:
         }
 
 
+def _is_stopped(seq: Any) -> bool:
+    from lmdeploy.pytorch.messages import MessageStatus
+
+    return seq.status == MessageStatus.STOPPED
+
+
 class _Removing:
-    def __init__(self, tier: HostTier, seq_id: int):
-        self.tier, self.seq_id = tier, seq_id
+    """A release of seq_id that saves no tail; with forget, the tier drops all it kept for it."""
+
+    def __init__(self, tier: HostTier, seq_id: int, forget: bool):
+        self.tier, self.seq_id, self.forget = tier, seq_id, forget
 
     def __enter__(self) -> None:
         self.tier._removing = self.seq_id
 
     def __exit__(self, *exc: Any) -> None:
         self.tier._removing = None
-        self.tier._tails.pop(self.seq_id, None)
-        self.tier._released.pop(self.seq_id, None)
-        self.tier.lost.rollback(self.seq_id)
+        if self.forget:
+            self.tier._tails.pop(self.seq_id, None)
+            self.tier._released.pop(self.seq_id, None)
+            self.tier.lost.rollback(self.seq_id)
 
 
 def prepare(cache_config: Any) -> None:
@@ -534,7 +552,7 @@ def attach(scheduler: Any) -> None:
     tier = HostTier(num_slots=slots, block_size=cc.block_size,
                     write_policy=getattr(cc, "host_cache_write_policy", "write_through"),
                     bytes_per_block=getattr(cc, "host_cache_block_bytes", 0),
-                    allocator=scheduler.block_manager.allocator)
+                    allocator=scheduler.block_manager.allocator, num_gpu_blocks=cc.num_gpu_blocks)
     tier.serve(scheduler, scheduler.block_trie, scheduler.sequence_lifecycle)
     for root in scheduler.block_trie._roots.values():
         tier.add_root(root)

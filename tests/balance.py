@@ -1,6 +1,6 @@
 """What 'balanced' means once every sequence is gone, for LMDeploy's block
 allocator and the host tier: no pinned host slot, no planned copy left over,
-no GPU block held by anything but the prefix trie. Shared by the simulator
+no per-sequence state kept, no GPU block held by anything but the prefix trie. Shared by the simulator
 tests (tests/lmdeploy) and the real-engine tests (tests/engine)."""
 from __future__ import annotations
 
@@ -37,4 +37,8 @@ def balance_problems(scheduler: Any, tier: Optional[Any]) -> list[str]:
             problems.append(f"{len(pinned)} host slots still pinned (first: {pinned[:8]})")
         if tier._restores or tier._pre:
             problems.append(f"copies left planned: {len(tier._restores)} restores, {len(tier._pre)} pre saves")
+        kept = {"tails": len(tier._tails), "released": len(tier._released), "queried": len(tier._queried),
+                "lost-hit notes": len(tier.lost._pending)}
+        if any(kept.values()):
+            problems.append(f"per-sequence state left after every sequence ended: {kept}")
     return problems

@@ -42,7 +42,12 @@ def preempt_seqs(original: Callable, self: Any, seqs: Any) -> Any:
     tier = tier_of(self)
     if tier is None:
         return original(self, seqs)
+    from lmdeploy.pytorch.messages import MessageStatus
+
     seqs = list(seqs)  # an iterable: read it once for the tier, once for LMDeploy
     for seq in seqs:
-        tier.on_preempt(seq)
+        # LMDeploy also passes sequences that finished at the last output
+        # (the engine loop's running list lags a step): not preemptions.
+        if seq.status == MessageStatus.RUNNING:
+            tier.on_preempt(seq)
     return original(self, seqs)

@@ -1,11 +1,12 @@
 """lmdeploy.pytorch.paging.seq_states.states.SequenceLifecycle:
 
 - release_paging_resources: a sequence's blocks go back (the scheduler
-  reclaiming them under memory pressure or preempting it, an admission
-  rollback's reset, the session's removal). The tier first saves the
-  sequence's partial last block (its session tail, scheduler_tier.py) while
-  the block is still the sequence's, then drops the slot pins of a restore
-  that will never be planned.
+  reclaiming a waiting or stopped sequence's blocks under memory pressure,
+  a preempted one's included: preempt_seqs keeps them until then; an
+  admission rollback's reset; the session's removal). On a reclaim the tier
+  first saves the sequence's partial last block (its session tail,
+  scheduler_tier.py) while the block is still the sequence's, then drops
+  the slot pins of a restore that will never be planned.
 - remove_sequence: the session ends; its tail is not worth a copy, and the
   tier forgets it.
 """

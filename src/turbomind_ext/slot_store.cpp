@@ -54,6 +54,10 @@ SlotStore::~SlotStore() {
 
 uint8_t* SlotStore::slot_data(uint32_t slot) const {
   HC_REQUIRE(slot < arena_->num_slots(), "slot ", slot, " is outside the pool of ", arena_->num_slots(), " slots");
+  // Pinned first: a chunk moved to a pinned allocation later would leave the
+  // pointer handed out here on the old, released range.
+  std::lock_guard<std::mutex> lock(mu_);
+  arena_->prepare(slot);
   return arena_->slot(slot);
 }
 

@@ -2,8 +2,9 @@
 LMDeploy 0.18.0's real engine (as test_engine_turns.py, one process per
 configuration): 12 sessions x 3 turns of 150 greedy tokens, each turn's
 requests in flight together on 48 GPU blocks, so the scheduler preempts
-running sequences (recompute eviction: their blocks go back, and they are
-admitted again later).
+running sequences (back to waiting with their blocks, which a later
+admission reclaims; the preempted sequence is admitted again later and
+recomputes what the trie and the host tier do not hold).
 
   ref   : tier off, 512 GPU blocks: nothing is evicted or preempted;
   on    : tier on, 48 GPU blocks, host pool 16x;
@@ -38,7 +39,9 @@ def runs(tiny_model_dir, tmp_path_factory, engine_mode) -> dict:
 
 def test_preempted_sequences_come_back_with_their_tails(runs):
     host = get(runs, "on")["metrics"]["host_cache"]
+    # stopped sequences' tails are not saved by default: these are the preempted ones'
     assert host["host_tails_saved"] > 0 and host["host_tail_hit_tokens"] > 0, host
+    assert host["host_lost_preempted_tokens"] > 0, host  # the scheduler really preempted
 
 
 def test_preemption_costs_no_token(runs, engine_mode):

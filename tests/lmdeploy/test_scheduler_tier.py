@@ -326,3 +326,17 @@ def test_every_rank_executes_the_same_plans():
     assert eng.workers[0].blocks_saved == eng.workers[1].blocks_saved > 0
     eng.end_all()
     assert_balanced(eng)
+
+
+def test_only_running_sequences_count_as_preempted():
+    """LMDeploy's engine loop also hands sequences that just finished to
+    preempt_seqs (its running list lags a step): they are not preemptions,
+    and an ended session keeps no state in the tier."""
+    eng = SimEngine(num_gpu_blocks=24, host_slots=64)
+    chat_workload(eng, rounds=2)
+    stopped = list(eng.scheduler.hanging)
+    assert stopped
+    eng.scheduler.preempt_seqs(stopped)
+    assert not [s.seq_id for s in stopped if eng.tier._released.get(s.seq_id, (0, False))[1]]
+    eng.end_all()
+    assert_balanced(eng)
