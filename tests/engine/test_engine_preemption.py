@@ -1,13 +1,13 @@
 """Long replies on a GPU cache too small for the turns in flight, through
 LMDeploy 0.18.0's real engine (as test_engine_turns.py, one process per
 configuration): 12 sessions x 3 turns of 150 greedy tokens, each turn's
-requests in flight together on 48 GPU blocks, so the scheduler preempts
+requests in flight together on 40 GPU blocks, so the scheduler preempts
 running sequences (back to waiting with their blocks, which a later
 admission reclaims; the preempted sequence is admitted again later and
 recomputes what the trie and the host tier do not hold).
 
   ref   : tier off, 512 GPU blocks: nothing is evicted or preempted;
-  on    : tier on, 48 GPU blocks, host pool 16x;
+  on    : tier on, 40 GPU blocks, host pool 16x;
   fault : `on` with every restored block zeroed after it landed.
 
 A preempted sequence's full blocks are in the trie (and saved); its partial
@@ -30,7 +30,7 @@ ARGS = ["--sessions", "12", "--turns", "3", "--max-new-tokens", "150", "--concur
 def runs(tiny_model_dir, tmp_path_factory, engine_mode) -> dict:
     # On a GPU the concurrent batches change bf16 results: resend fixed replies there.
     common = ["tests/engine/turns.py", "--model", tiny_model_dir, *ARGS] + ["--fixed-replies"] * (engine_mode == "gpu")
-    on = ["--gpu-blocks", "48", "--host-cache-ratio", "16"]
+    on = ["--gpu-blocks", "40", "--host-cache-ratio", "16"]
     jobs = {"ref": common + ["--gpu-blocks", "512"], "on": common + on,
             "fault": common + on + ["--fault", "corrupt-restores"]}
     return EngineRuns(tmp_path_factory.mktemp("engine-preemption"), 2 if engine_mode == "cpu" else 3,
