@@ -156,6 +156,7 @@ class HostTier:
         self._released: dict[int, tuple[int, bool]] = {}
         self.lost = LostHits(shadow_keys(num_slots, num_gpu_blocks))
         self._removing: Optional[int] = None  # seq_id whose release saves no tail (removal, rollback)
+        self._rolling_back: Optional[int] = None  # seq_id inside LMDeploy's admission rollback
         # Stopped sequences' tails pay only if their session continues, which
         # LMDeploy 0.18.0's serving stack never does (docs/lmdeploy_hook_notes.md
         # section 10): set by drivers that keep sessions open (the replay's interactive mode).
@@ -327,8 +328,9 @@ class HostTier:
     def on_release(self, seq: Any) -> None:
         """seq's blocks are about to go back to LMDeploy's allocator: save its
         session tail (module docstring), then drop a restore never planned."""
-        if seq.seq_id != self._removing:
-            if seq.num_history_ids > 0 and seq.seq_id not in self._restores:
+        if seq.seq_id != self._removing:  # (_removing also covers a rollback that undoes a host hit)
+            # A rollback's step includes what the tentative match found: not this sequence's to keep.
+            if seq.num_history_ids > 0 and seq.seq_id not in self._restores and seq.seq_id != self._rolling_back:
                 self._released.setdefault(seq.seq_id, (seq.num_history_ids, False))  # a preemption stays one
             if self.save_stopped_tails or not _is_stopped(seq):
                 self._save_tail(seq)
@@ -342,7 +344,6 @@ class HostTier:
         bs = self.block_size
         h = seq.num_history_ids
         n = h % bs
-        self._tails.pop(seq.seq_id, None)  # an older tail is not this history's
         # A pending restore means these tokens' KV has not landed yet.
         if n == 0 or seq.seq_id in self._restores or seq.num_blocks * bs < h:
             return
@@ -353,6 +354,7 @@ class HostTier:
         start = h - n
         if rec is None or rec.key is None or cursor.prefix_len != start:
             return  # the chain up to the tail is not the trie's: no key to save it under
+        self._tails.pop(seq.seq_id, None)  # an older tail is not this history's
         status, _, slot = self.index.reserve(rec.key, adapter_namespace(seq.adapter_name),
                                              padded_tail(seq.history_cache[start:h], bs))
         if status == "created":
@@ -369,11 +371,12 @@ class HostTier:
 
     def removing(self, seq: Any) -> "_Removing":
         """Around LMDeploy's remove_sequence: the session ends, its tail is not kept."""
-        return _Removing(self, seq.seq_id, forget=True)
+        return _Removing(self, seq.seq_id, "_removing", forget=True)
 
-    def rolling_back(self, seq: Any) -> "_Removing":
-        """Around LMDeploy's admission rollback: its release saves nothing."""
-        return _Removing(self, seq.seq_id, forget=False)
+    def rolling_back(self, seq: Any, tentative: bool) -> "_Removing":
+        """Around LMDeploy's admission rollback: its release is no reclaim to
+        account for, and with a host hit undone (tentative) saves no tail."""
+        return _Removing(self, seq.seq_id, "_removing" if tentative else "_rolling_back", forget=False)
 
     def cancel(self, seq: Any) -> None:
         """The sequence gave up its blocks (rollback, preemption, stop, end)
@@ -514,16 +517,20 @@ def _is_stopped(seq: Any) -> bool:
 
 
 class _Removing:
-    """A release of seq_id that saves no tail; with forget, the tier drops all it kept for it."""
+    """Marks seq_id in one of the tier's release flags (`_removing`: saves no
+    tail; `_rolling_back`: records no reclaim) for LMDeploy's call inside;
+    with forget, the tier then drops all it kept for the sequence."""
 
-    def __init__(self, tier: HostTier, seq_id: int, forget: bool):
-        self.tier, self.seq_id, self.forget = tier, seq_id, forget
+    def __init__(self, tier: HostTier, seq_id: int, flag: str, forget: bool):
+        self.tier, self.seq_id, self.flag, self.forget = tier, seq_id, flag, forget
+        self.before: Optional[int] = None
 
     def __enter__(self) -> None:
-        self.tier._removing = self.seq_id
+        self.before = getattr(self.tier, self.flag)
+        setattr(self.tier, self.flag, self.seq_id)
 
     def __exit__(self, *exc: Any) -> None:
-        self.tier._removing = None
+        setattr(self.tier, self.flag, self.before)
         if self.forget:
             self.tier._tails.pop(self.seq_id, None)
             self.tier._released.pop(self.seq_id, None)

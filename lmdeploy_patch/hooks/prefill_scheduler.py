@@ -22,7 +22,5 @@ def rollback(original: Callable, self: Any, reason: Any) -> Any:
     # computed KV (a preempted sequence's own blocks), whose tail is worth keeping.
     tentative = tier.has_pending_restore(self.seq)
     tier.cancel(self.seq)
-    if not tentative:
-        return original(self, reason)
-    with tier.rolling_back(self.seq):
+    with tier.rolling_back(self.seq, tentative):
         return original(self, reason)

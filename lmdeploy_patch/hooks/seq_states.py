@@ -3,7 +3,8 @@
 - release_paging_resources: a sequence's blocks go back (the scheduler
   reclaiming a waiting or stopped sequence's blocks under memory pressure,
   a preempted one's included: preempt_seqs keeps them until then; an
-  admission rollback's reset; the session's removal). On a reclaim the tier
+  admission rollback's reset; the session's removal). On a reclaim (and a
+  rollback that undoes no host hit: hooks/prefill_scheduler.py) the tier
   first saves the sequence's partial last block (its session tail,
   scheduler_tier.py) while the block is still the sequence's, then drops
   the slot pins of a restore that will never be planned.

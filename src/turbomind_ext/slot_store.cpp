@@ -103,7 +103,10 @@ std::shared_ptr<Transfer> SlotStore::submit(Direction dir, const std::vector<Blo
   return t;
 }
 
-uint64_t SlotStore::slot_checksum(uint32_t slot) const { return xxh64(arena_->slot(slot), regions_.slot_bytes(), 0); }
+uint64_t SlotStore::slot_checksum(uint32_t slot) const {
+  std::lock_guard<std::mutex> lock(mu_);  // submit may be moving the slot's chunk (HostArena::prepare)
+  return xxh64(arena_->slot(slot), regions_.slot_bytes(), 0);
+}
 
 uint64_t SlotStore::block_checksum(uint32_t block) {
   std::lock_guard<std::mutex> lock(mu_);

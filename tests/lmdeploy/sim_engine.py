@@ -64,6 +64,8 @@ class SimEngine:
         cc = self.scheduler.cache_config
         self.loop = EngineLoop(self.scheduler, lambda batch, plan, prefill, host_tokens: self.forward(batch, plan))
         self.tier = self.loop.tier
+        if self.tier is not None:  # sessions stay open between turns here: their stopped tails pay
+            self.tier.save_stopped_tails = True
         self.bs, self.layers, self.row_bytes = block_size, layers, row_bytes
         # LMDeploy's packed pool per rank (a tensor-parallel shard each):
         # [layers, blocks, bytes of one layer's block]

@@ -62,6 +62,7 @@ def test_statistics_add_up():
     chat_workload(eng, rounds=4)
     tier, st = eng.tier, eng.tier.stats
     bs = eng.bs
+    assert st.tails_saved > 0 and st.tail_hit_tokens > 0, st  # open sessions' partial blocks came back
     # a session tail's slot holds tail tokens, not a whole block
     assert st.hit_tokens == (st.blocks_restored + st.restores_skipped - st.tails_planned) * bs + st.tail_hit_tokens
     assert st.hit_tokens <= st.queried_tokens
