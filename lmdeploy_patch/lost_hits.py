@@ -78,13 +78,11 @@ class LostHits:
             return "save_dropped"
         return "evicted_from_host" if key in self._saved else "never_saved"
 
-    def chain_loss(self, keys: Iterable[int], served: int) -> tuple[int, Optional[str]]:
-        """Blocks past the first `served` of `keys` that the shadow holds in an
-        unbroken chain, and the cause of the first of them."""
+    def chain_loss(self, keys: Iterable[int]) -> tuple[int, Optional[str]]:
+        """The leading blocks of `keys` (those not served) that the shadow
+        holds in an unbroken chain, and the cause of the first of them."""
         lost, cause = 0, None
-        for i, key in enumerate(keys):
-            if i < served:
-                continue
+        for key in keys:
             if int(key) not in self._seen:
                 break
             if cause is None:

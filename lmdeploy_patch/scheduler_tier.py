@@ -208,7 +208,7 @@ class HostTier:
         rec = _RECORDS.get(node)
         if self.write_policy != "write_back" or rec is None or rec.key is None or rec.saved:
             return
-        physical = int(self.allocator.get_physical_blocks(np.array([node.block_id]))[0])
+        physical = self._physical(node.block_id)
         slot = self._store(rec)
         if slot is not None:
             self._pre.append((slot, physical))
@@ -217,24 +217,32 @@ class HostTier:
         """The GPU trie freed trie-owned blocks (BlockTrie.evict)."""
         self._evicted = True
 
-    def _store(self, rec: NodeRecord) -> Optional[int]:
-        """Inserts the node's block into the index; the slot to copy it to,
-        or None when it is already stored or cannot be."""
-        status, key, slot = self.index.reserve(rec.parent_key, rec.ns, rec.tokens)
-        rec.saved = True
-        if status in ("full", "collision"):
-            self.lost.dropped(key)
-        else:
-            self.lost.saved(key)
+    def _physical(self, logical: int) -> int:
+        return int(self.allocator.get_physical_blocks(np.array([logical]))[0])
+
+    def _reserve(self, parent: int, ns: int, tokens: np.ndarray) -> tuple[str, int, Optional[int]]:
+        """Inserts one block into the index: (status, key, the slot to copy
+        it to, or None when it is already stored or cannot be)."""
+        status, key, slot = self.index.reserve(parent, ns, tokens)
         if status == "created":
             # Settled as planned (module docstring): the restore of a later
             # plan reads this save's bytes on every rank.
             self.index.saved(slot, True)
             self.stats.blocks_saved += 1
-            return slot
+            return status, key, slot
         if status in ("full", "collision"):
             self.stats.saves_dropped += 1
-        return None
+        return status, key, None
+
+    def _store(self, rec: NodeRecord) -> Optional[int]:
+        """A trie node's block into the index (_reserve); the slot to copy it to."""
+        status, key, slot = self._reserve(rec.parent_key, rec.ns, rec.tokens)
+        rec.saved = True
+        if status in ("full", "collision"):
+            self.lost.dropped(key)
+        else:
+            self.lost.saved(key)
+        return slot
 
     # ----- matching -----------------------------------------------------
 
@@ -277,7 +285,7 @@ class HostTier:
         parent = keys[-1] if len(keys) else cursor_record.key
         tail, tail_tokens = self._match_tail(seq, parent, ns, after)
         self._note_lost(seq, parent, ns, after, end, after + tail_tokens)
-        queried += tail_tokens if tail is not None else 0
+        queried += tail_tokens  # 0 without a tail
         self.stats.queried_tokens += queried
         self._queried[seq.seq_id] = queried
         if tail is not None:
@@ -303,7 +311,7 @@ class HostTier:
         blocks, cause = 0, None
         if end > after:
             keys = _core.block_keys(parent, ns, as_tokens(seq.history_cache[after:end]), bs)
-            blocks, cause = self.lost.chain_loss(keys, 0)
+            blocks, cause = self.lost.chain_loss(keys)
         chain = min(blocks * bs, max(0, end - served))
         if cause is not None:
             self.lost.note(seq.seq_id, cause, chain)
@@ -355,28 +363,24 @@ class HostTier:
         if rec is None or rec.key is None or cursor.prefix_len != start:
             return  # the chain up to the tail is not the trie's: no key to save it under
         self._tails.pop(seq.seq_id, None)  # an older tail is not this history's
-        status, _, slot = self.index.reserve(rec.key, adapter_namespace(seq.adapter_name),
-                                             padded_tail(seq.history_cache[start:h], bs))
-        if status == "created":
-            self.index.saved(slot, True)  # settled as planned (module docstring)
-            logical = seq.logical_blocks.get_real_blocks()[start // bs]
-            self._pre.append((slot, int(self.allocator.get_physical_blocks(np.array([logical]))[0])))
+        status, _, slot = self._reserve(rec.key, adapter_namespace(seq.adapter_name),
+                                        padded_tail(seq.history_cache[start:h], bs))
+        if slot is not None:
+            self._pre.append((slot, self._physical(seq.logical_blocks.get_real_blocks()[start // bs])))
             self._evicted = True  # the block is freed now: the next forward waits for this save
-            self.stats.blocks_saved += 1
             self.stats.tails_saved += 1
         elif status in ("full", "collision"):
-            self.stats.saves_dropped += 1
             return
         self._tails[seq.seq_id] = n
 
-    def removing(self, seq: Any) -> "_Removing":
+    def removing(self, seq: Any) -> "_ReleaseFlag":
         """Around LMDeploy's remove_sequence: the session ends, its tail is not kept."""
-        return _Removing(self, seq.seq_id, "_removing", forget=True)
+        return _ReleaseFlag(self, seq.seq_id, "_removing", forget=True)
 
-    def rolling_back(self, seq: Any, tentative: bool) -> "_Removing":
+    def rolling_back(self, seq: Any, tentative: bool) -> "_ReleaseFlag":
         """Around LMDeploy's admission rollback: its release is no reclaim to
         account for, and with a host hit undone (tentative) saves no tail."""
-        return _Removing(self, seq.seq_id, "_removing" if tentative else "_rolling_back", forget=False)
+        return _ReleaseFlag(self, seq.seq_id, "_removing" if tentative else "_rolling_back", forget=False)
 
     def cancel(self, seq: Any) -> None:
         """The sequence gave up its blocks (rollback, preemption, stop, end)
@@ -516,7 +520,7 @@ def _is_stopped(seq: Any) -> bool:
     return seq.status == MessageStatus.STOPPED
 
 
-class _Removing:
+class _ReleaseFlag:
     """Marks seq_id in one of the tier's release flags (`_removing`: saves no
     tail; `_rolling_back`: records no reclaim) for LMDeploy's call inside;
     with forget, the tier then drops all it kept for the sequence."""
