@@ -44,7 +44,8 @@ def use_logical_clock() -> None:
 
 
 def build_scheduler(num_gpu_blocks: int, block_size: int, max_batches: int, host_slots: int = 0,
-                    write_policy: str = "write_through", kv_block_bytes: int = 0, logical_clock: bool = True):
+                    write_policy: str = "write_through", kv_block_bytes: int = 0, logical_clock: bool = True,
+                    restore_policy: str = "auto"):
     """LMDeploy's real Scheduler on CPU, with the host tier when host_slots > 0
     (the cache-config fields the executor hook sets after sizing the pool,
     lmdeploy_patch/pool_sizing.py)."""
@@ -61,6 +62,7 @@ def build_scheduler(num_gpu_blocks: int, block_size: int, max_batches: int, host
     if host_slots > 0:
         cc.host_cache_ratio = 1.0
         cc.host_cache_write_policy = write_policy
+        cc.host_cache_restore_policy = restore_policy
         cc.host_cache_slots = host_slots
         cc.host_cache_block_bytes = kv_block_bytes
     return Scheduler(SchedulerConfig(max_batches=max_batches, max_session_len=1 << 20,

@@ -153,7 +153,7 @@ def run_one(label: str, users_factory, args, gpu_blocks: int, host_slots: int, k
     users = users_factory()
     engine = ReplayEngine(num_gpu_blocks=gpu_blocks, host_slots=host_slots, block_size=args.block_size,
                           max_batches=args.max_batches, kv_block_bytes=kv_bytes, cost=cost,
-                          write_policy=args.write_policy)
+                          write_policy=args.write_policy, restore_policy=args.restore_policy)
     progress = progress_bar(label, "turn", args.quiet)
     res = engine.run(users, args.concurrency, args.think_s, args.seed, progress, ramp_s=args.ramp_s,
                      sessions=args.sessions)
@@ -183,8 +183,9 @@ def summarize_server(records: list, before: dict, after: dict, pinned_gbps: floa
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     cached, prompt = delta("lmdeploy:cached_tokens_total"), delta("lmdeploy:prompt_tokens_total")
-    host = delta("lmdeploy:host_cache_hit_tokens")
-    restored, waited = delta("lmdeploy:host_cache_bytes_restored"), delta("lmdeploy:host_cache_restore_wait_seconds")
+    host = delta("lmdeploy:host_cache_hit_tokens_total")
+    restored = delta("lmdeploy:host_cache_restored_bytes_total")
+    waited = delta("lmdeploy:host_cache_restore_wait_seconds_total")
 
     def pct(xs, q):
         return float(np.percentile(xs, q)) if xs else 0.0
@@ -194,7 +195,7 @@ def summarize_server(records: list, before: dict, after: dict, pinned_gbps: floa
         "requests": len(ok), "errors": len(records) - len(ok),
         "tokens_gpu_hit": int(cached - host), "tokens_host_hit": int(host), "tokens_recomputed": int(prompt - cached),
         "prompt_tokens": int(prompt), "output_tokens": out_tokens,
-        "bytes_restored": restored, "bytes_saved": delta("lmdeploy:host_cache_bytes_saved"),
+        "bytes_restored": restored, "bytes_saved": delta("lmdeploy:host_cache_saved_bytes_total"),
         "restore_wait_seconds": waited,
         "restore_gbps": restored / waited / 1e9 if waited > 0 else 0.0,
         "pinned_copy_gbps": pinned_gbps,
@@ -372,6 +373,12 @@ def print_table(runs: dict[str, dict]) -> None:
                       + ", ".join(f"{c} {n}" for c, n in lost.items())
                       + f"; sum {sum(lost.values())}, recomputed({name}) - recomputed(ideal) = "
                       f"{runs[name]['tokens_recomputed'] - ideal}")
+            host = runs[name].get("host") or {}
+            if "host_restores_chosen" in host:
+                print(f"  restore or recompute ({name}): {host['host_restores_chosen']} host hits restored, "
+                      f"{host['host_recomputes_chosen']} recomputed by choice "
+                      f"({host['host_recompute_chosen_tokens']} tokens); estimated "
+                      f"{host['host_restore_est_saved_seconds']:.3f} s saved over the other choice")
     if "off" in runs and "on" in runs:
         off, on = runs["off"], runs["on"]
 
@@ -481,6 +488,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CostModel]:
     ap.add_argument("--host-gib", type=float, help="host pool GiB (default: enough for every conversation)")
     ap.add_argument("--write-policy", default="write_through",
                     choices=("write_through", "write_through_selective", "write_back"))
+    ap.add_argument("--restore-policy", default="auto", choices=("auto", "always", "never"),
+                    help="host_cache_restore_policy of the 'on' run (auto weighs each host hit's copy against "
+                         "recomputing it, with the cost model's figures)")
     ap.add_argument("--prefill-tok-s", type=float, default=cost.prefill_tok_s,
                     help=f"cost model: prompt tokens/s (default {cost.prefill_tok_s:g}, {cost.source})")
     ap.add_argument("--decode-step-ms", type=float, default=cost.decode_step_s * 1e3,

@@ -112,9 +112,10 @@ class ReplayEngine:
     """LMDeploy's scheduler stepped like its engine loop, time from a cost model."""
 
     def __init__(self, *, num_gpu_blocks: int, host_slots: int, block_size: int, max_batches: int,
-                 kv_block_bytes: int, cost: CostModel, write_policy: str = "write_through"):
+                 kv_block_bytes: int, cost: CostModel, write_policy: str = "write_through",
+                 restore_policy: str = "auto"):
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, write_policy,
-                                         kv_block_bytes)
+                                         kv_block_bytes, restore_policy=restore_policy)
         self.loop = EngineLoop(self.scheduler, self._forward)
         self.tier = self.loop.tier
         self._step: tuple = (None, {})  # (plan, host tokens) of the last forward
@@ -175,6 +176,10 @@ class _Replay:
         self.owner: dict[int, User] = {}
         self.total_turns = sum(len(u.turns) for u in users)
         self.stateless = sessions == "stateless"
+        if engine.tier is not None:
+            # No forwards to time and no copies to measure: the restore
+            # decision weighs the cost model's figures on the replay's clock.
+            engine.tier.decider.assume(engine.cost.copy_gbps * 1e9, engine.cost.prefill_tok_s, lambda: self.now)
         self.session_of: dict[int, int] = {}  # uid -> its LMDeploy session id now
         self.next_session = 0
 

@@ -1,5 +1,6 @@
-"""`--host-cache`, `--host-cache-ratio`, `--host-cache-size` and
-`--host-cache-write-policy` on the `lmdeploy` command line.
+"""`--host-cache`, `--host-cache-ratio`, `--host-cache-size`,
+`--host-cache-write-policy` and `--host-cache-restore-policy` on the
+`lmdeploy` command line.
 
 Where the flags go: LMDeploy builds its parsers at run time from
 `cli.utils.ArgumentHelper` staticmethods, and every parser that configures a
@@ -37,8 +38,8 @@ import sys
 from typing import Any, Callable
 
 from .compat import STATE
-from .settings import (DEFAULT_HOST_CACHE_RATIO, DEFAULT_WRITE_POLICY, GIB, HOST_CACHE_FIELDS, WRITE_POLICIES,
-                       check_ratio, check_size, ram_reserve_bytes)
+from .settings import (DEFAULT_HOST_CACHE_RATIO, DEFAULT_RESTORE_POLICY, DEFAULT_WRITE_POLICY, GIB, HOST_CACHE_FIELDS,
+                       RESTORE_POLICIES, WRITE_POLICIES, check_ratio, check_size, ram_reserve_bytes)
 
 TURBOMIND_FLAG_ERROR = (
     "--backend turbomind cannot serve the host KV-cache tier (--host-cache*): TurboMind's compiled engine "
@@ -59,6 +60,10 @@ HELP = {
     "--host-cache-write-policy": ("When full KV blocks are copied to host memory: write_through (each full "
                                   "block once computed), write_through_selective (blocks hit repeatedly), "
                                   f"write_back (when the GPU evicts it). Default: {DEFAULT_WRITE_POLICY}."),
+    "--host-cache-restore-policy": ("Whether a host hit is copied back or recomputed: auto (restore when the "
+                                    "copy, behind the restore stream's backlog, is estimated faster than "
+                                    "recomputing the tokens at this engine's measured prefill rate), always, "
+                                    f"never. Default: {DEFAULT_RESTORE_POLICY}."),
 }
 
 
@@ -116,7 +121,7 @@ def _switch_action() -> type:
 
 
 def add_host_cache_arguments(container: Any) -> None:
-    """Adds the four flags to a parser or argument group (once)."""
+    """Adds the host-cache flags to a parser or argument group (once)."""
     import argparse
 
     if "--host-cache" in getattr(container, "_option_string_actions", {}):
@@ -131,6 +136,8 @@ def add_host_cache_arguments(container: Any) -> None:
                            help=HELP["--host-cache-size"].format(reserve=ram_reserve_bytes() / GIB))
     container.add_argument("--host-cache-write-policy", dest="host_cache_write_policy", choices=WRITE_POLICIES,
                            default=hidden, help=HELP["--host-cache-write-policy"])
+    container.add_argument("--host-cache-restore-policy", dest="host_cache_restore_policy",
+                           choices=RESTORE_POLICIES, default=hidden, help=HELP["--host-cache-restore-policy"])
 
 
 def given_host_cache_values(args: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The host-cache settings (settings.py) as real fields of LMDeploy's configs.
 
-`host_cache_ratio`, `host_cache_size` and `host_cache_write_policy` are added
-in place to `messages.PytorchEngineConfig`, `messages.TurbomindEngineConfig`
+`host_cache_ratio`, `host_cache_size`, `host_cache_write_policy` and
+`host_cache_restore_policy` are added in place to `messages.PytorchEngineConfig`, `messages.TurbomindEngineConfig`
 (hooks/messages.py) and `pytorch.config.CacheConfig` (hooks/pytorch_config.py).
 
 Why in place and not subclasses: LMDeploy tests `type(cfg) is
@@ -85,7 +85,7 @@ def _wrap_repr(original: Callable[[Any], str]) -> Callable[[Any], str]:
 
 
 def add_host_cache_fields(cls: type, where: str, *, check_ram: bool, takes_pending: bool) -> None:
-    """Adds the three fields to the dataclass `cls` in place, through the patcher."""
+    """Adds the host-cache fields to the dataclass `cls` in place, through the patcher."""
     fields = require_attr(cls, "__dataclass_fields__", where)
     init = require_attr(cls, "__init__", where)
     eq = require_attr(cls, "__eq__", where)

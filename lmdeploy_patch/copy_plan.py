@@ -14,6 +14,7 @@ store. The two sides share nothing else.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -44,6 +45,9 @@ class HostCopyPlan:
     # if a pre save of this plan reads it (a block freed by an eviction).
     # Otherwise the restore runs on the restore stream while that forward computes.
     restore_after_forward: bool = True
+    # time.monotonic() when the plan was taken (the system-wide clock, so a
+    # rank in another process on this machine can read it): restore latency.
+    created: float = 0.0
 
     @staticmethod
     def build(pre: list[tuple[int, int]], restore: list[tuple[int, int]], post: list[tuple[int, int]],
@@ -53,7 +57,7 @@ class HostCopyPlan:
             return a[:, 0].astype(np.uint32), a[:, 1].astype(np.int32)
 
         return HostCopyPlan(*cols(pre), *cols(restore), *cols(post), wait_saves=wait_saves,
-                            restore_after_forward=restore_after_forward)
+                            restore_after_forward=restore_after_forward, created=time.monotonic())
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ Causes (CAUSES):
   partial_block      an open session's partial last block that was not kept
   preempted          recomputed by a sequence the scheduler preempted (recompute
                      eviction), beyond what its re-admission found cached
+  recomputed_by_choice  found in host memory, recomputed because that was
+                     estimated faster than the copy (restore_decision.py) or
+                     host_cache_restore_policy=never
 
 The sum of the counts is the admission-by-admission difference to such a
 cache; the replay (benchmark/multiturn.py) checks it against a real run of
@@ -32,7 +35,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Optional
 
-CAUSES = ("never_saved", "save_dropped", "evicted_from_host", "partial_block", "preempted")
+CAUSES = ("never_saved", "save_dropped", "evicted_from_host", "partial_block", "preempted", "recomputed_by_choice")
 # Three books of Python ints, about 75 bytes a key each: at most ~450 MiB.
 SHADOW_KEYS = 1 << 21
 

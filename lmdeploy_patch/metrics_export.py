@@ -1,73 +1,150 @@
-"""The tier's figures on LMDeploy's /metrics, as lmdeploy:host_cache_*.
+"""The tier's figures on LMDeploy's /metrics, as lmdeploy:host_cache_*, in
+Prometheus' conventions: what only grows is a counter (exported with
+`_total`), a size or a level is a gauge, a distribution is a histogram.
 
 The scheduler's figures (scheduler_tier.HostTier.metrics, plus the local
-ranks' wait times) ride on LMDeploy's ScheduleMetrics and SchedulerStats
-(hooks/scheduler.py, hooks/metrics_stats.py) to its PrometheusStatLogger
-(hooks/metrics_loggers.py), which sets one gauge per figure. Host hits also
-count in LMDeploy's own prefix_cache_hit_rate and per-request
-cached_tokens (scheduler_tier.continue_match). Gauges are registered on the
-first record, and only with the tier on: a tier-off server exports nothing new.
+ranks' figures: rank_tier.local_figures) ride on LMDeploy's ScheduleMetrics
+and SchedulerStats (hooks/scheduler.py, hooks/metrics_stats.py) to its
+PrometheusStatLogger (hooks/metrics_loggers.py), which hands each snapshot
+here. One collector, registered on the first snapshot (so a tier-off server
+exports nothing new), reports the latest snapshot of every live logger
+under its labels: the tier's figures are cumulative already, and a
+collector exports them as they are instead of replaying them as increments.
+Host hits also count in LMDeploy's own prefix_cache_hit_rate and per-request
+cached_tokens (scheduler_tier.continue_match).
+
+The names changed once, when these conventions came in (README, Changelog):
+RENAMED lists each old name with its new one.
 """
 from __future__ import annotations
 
+import threading
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from .lost_hits import CAUSES
 
-# metric name suffix -> (key in HostTier.metrics(), help text)
-GAUGES = {
-    "hit_tokens": ("host_hit_tokens", "Prompt tokens served from the host KV tier (cumulative)."),
-    "queried_tokens": ("host_queried_tokens", "Tokens looked up in the host tier after the GPU prefix cache (cumulative)."),
-    "hit_rate": ("host_hit_rate", "Host-tier hit tokens / queried tokens."),
-    "blocks_saved": ("host_blocks_saved", "KV blocks copied to host memory (cumulative)."),
-    "blocks_restored": ("host_blocks_restored", "KV blocks copied back from host memory (cumulative)."),
-    "bytes_saved": ("host_bytes_saved", "Bytes copied to host memory over all ranks (cumulative)."),
-    "bytes_restored": ("host_bytes_restored", "Bytes copied back from host memory over all ranks (cumulative)."),
-    "evictions": ("host_evictions", "Host-tier blocks evicted to make room (cumulative)."),
-    "saves_dropped": ("host_saves_dropped", "Saves skipped because no host slot could be freed (cumulative)."),
-    "slots_used": ("host_slots_used", "Host-tier blocks held."),
-    "slots_total": ("host_slots_total", "Host-tier capacity in blocks."),
-    "occupancy": ("host_occupancy", "Host-tier blocks held / capacity."),
+PREFIX = "lmdeploy:host_cache_"
+LABELS = ["model_name", "engine"]
+
+# name (after PREFIX, without _total) -> (key in the snapshot, help text)
+COUNTERS = {
+    "hit_tokens": ("host_hit_tokens", "Prompt tokens served from the host KV tier."),
+    "queried_tokens": ("host_queried_tokens", "Tokens looked up in the host tier after the GPU prefix cache."),
+    "blocks_saved": ("host_blocks_saved", "KV blocks copied to host memory."),
+    "blocks_restored": ("host_blocks_restored", "KV blocks copied back from host memory."),
+    "saved_bytes": ("host_bytes_saved", "Bytes copied to host memory over all ranks."),
+    "restored_bytes": ("host_bytes_restored", "Bytes copied back from host memory over all ranks."),
+    "evictions": ("host_evictions", "Host-tier blocks evicted to make room."),
+    "saves_dropped": ("host_saves_dropped", "Saves skipped because no host slot could be freed."),
     "restore_wait_seconds": ("host_restore_wait_seconds",
-                             "Seconds forwards waited for host copies, this process's ranks (cumulative)."),
-    "tails_saved": ("host_tails_saved", "Partial last blocks saved when their sequence's blocks were reclaimed "
-                                        "(cumulative)."),
-    "tail_hit_tokens": ("host_tail_hit_tokens", "Of hit_tokens, those from partial last blocks (cumulative)."),
+                             "Seconds forwards waited for host copies (this process's ranks)."),
+    "tails_saved": ("host_tails_saved", "Partial last blocks saved when their sequence's blocks were reclaimed."),
+    "tail_hit_tokens": ("host_tail_hit_tokens", "Of hit_tokens, those from partial last blocks."),
+    "restores_chosen": ("host_restores_chosen", "Admissions whose host hit was restored (restore policy)."),
+    "recomputes_chosen": ("host_recomputes_chosen",
+                          "Admissions whose host hit was recomputed because that was estimated faster, or by "
+                          "host_cache_restore_policy=never."),
+    "recompute_chosen_tokens": ("host_recompute_chosen_tokens", "Host-hit tokens recomputed by choice."),
+    "restore_estimated_saved_seconds": ("host_restore_est_saved_seconds",
+                                        "Estimated seconds the restore-or-recompute choices saved over the "
+                                        "other choice (lmdeploy_patch/restore_decision.py)."),
     **{f"lost_{cause}_tokens": (f"host_lost_{cause}_tokens",
                                 f"Prompt tokens a never-evicting GPU cache would have served, recomputed: {cause} "
-                                "(cumulative; lmdeploy_patch/lost_hits.py).") for cause in CAUSES},
+                                "(lmdeploy_patch/lost_hits.py).") for cause in CAUSES},
+}
+GAUGES = {
+    "slots_used": ("host_slots_used", "Host-tier blocks held."),
+    "slots_capacity": ("host_slots_total", "Host-tier capacity in blocks."),
+    "occupancy": ("host_occupancy", "Host-tier blocks held / capacity."),
+    "hit_ratio": ("host_hit_rate", "Host-tier hit tokens / queried tokens, since start."),
+    "copy_bytes_per_second": ("host_copy_bytes_per_second",
+                              "Host-to-GPU restore bandwidth of one rank, measured at start-up (0: not measured "
+                              "in this process)."),
+    "prefill_tokens_per_second": ("host_prefill_tokens_per_second",
+                                  "Prefill throughput learned from this engine's forwards (0: not enough "
+                                  "samples yet)."),
+}
+HISTOGRAMS = {
+    "restore_latency_seconds": ("host_restore_latency", "Seconds from a restore's plan to its copy complete, "
+                                                        "per rank (this process's ranks)."),
+    "restore_size_bytes": ("host_restore_size", "Bytes restored per admission, over all ranks."),
 }
 
+# Old name (before the conventions) -> new exposition name.
+_COUNTER_RENAMES = {"bytes_saved": "saved_bytes", "bytes_restored": "restored_bytes"}
+RENAMED = {
+    **{PREFIX + old: PREFIX + _COUNTER_RENAMES.get(old, old) + "_total"
+       for old in ("hit_tokens", "queried_tokens", "blocks_saved", "blocks_restored", "bytes_saved",
+                   "bytes_restored", "evictions", "saves_dropped", "restore_wait_seconds", "tails_saved",
+                   "tail_hit_tokens", *(f"lost_{c}_tokens" for c in CAUSES))},
+    PREFIX + "slots_total": PREFIX + "slots_capacity",
+    PREFIX + "hit_rate": PREFIX + "hit_ratio",
+}
+
+
+class _Collector:
+    """Reports the latest snapshot of each live stat logger (module docstring)."""
+
+    def __init__(self) -> None:
+        self.latest: "weakref.WeakKeyDictionary[Any, tuple[list[str], dict, dict]]" = weakref.WeakKeyDictionary()
+        self.lock = threading.Lock()
+
+    def update(self, logger: Any, labels: list[str], host: dict) -> None:
+        with self.lock:
+            _, _, high = self.latest.get(logger, (labels, {}, {}))
+            # A counter never goes down: an admission rolled back inside one
+            # scheduling pass takes back what it had counted.
+            high = {**high, **{key: max(high.get(key, 0), host[key]) for key, _ in COUNTERS.values() if key in host}}
+            self.latest[logger] = (labels, host, high)
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())  # names are known only from data; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        with self.lock:
+            snapshots = list(self.latest.values())
+        if not snapshots:
+            return
+        # (table, family, which part of a snapshot: 1 the figures, 2 the counters' high-water marks)
+        for table, kind, part in ((COUNTERS, CounterMetricFamily, 2), (GAUGES, GaugeMetricFamily, 1),
+                                  (HISTOGRAMS, HistogramMetricFamily, 1)):
+            for name, (key, doc) in table.items():
+                family = kind(PREFIX + name, doc, labels=LABELS)
+                for snapshot in snapshots:
+                    value = snapshot[part].get(key)
+                    if value is None:
+                        continue
+                    if kind is HistogramMetricFamily:
+                        family.add_metric(snapshot[0], value["buckets"], value["sum"])
+                    else:
+                        family.add_metric(snapshot[0], value)
+                yield family
+
+
 _LABELS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()
-_GAUGES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_COLLECTOR = _Collector()
+_REGISTERED: list[Any] = []  # the registry it is in
 
 
 def remember_labels(logger: Any, model_name: str, dp_rank: int) -> None:
-    """A new stat logger: the labels its gauges get; any gauges it had are gone."""
+    """A new stat logger: the labels its figures get. Earlier loggers'
+    figures go, as LMDeploy's own collectors do when a logger is made."""
     _LABELS[logger] = [model_name, str(dp_rank)]
-    _GAUGES.pop(logger, None)
+    with _COLLECTOR.lock:
+        _COLLECTOR.latest.clear()
 
 
-def set_host_gauges(logger: Any, host: dict) -> None:
+def record_host_figures(logger: Any, host: dict) -> None:
+    """A logger's newest snapshot (HostTier.metrics plus the local ranks')."""
     import prometheus_client
 
-    gauges = _GAUGES.get(logger)
-    if gauges is None:
-        labels = _LABELS.get(logger, ["", "0"])
-        gauges = _GAUGES[logger] = {suffix: _gauge(prometheus_client, f"lmdeploy:host_cache_{suffix}", doc)
-                                    .labels(*labels) for suffix, (_, doc) in GAUGES.items()}
-    for suffix, (key, _) in GAUGES.items():
-        if key in host:
-            gauges[suffix].set(host[key])
-
-
-def _gauge(prometheus_client: Any, name: str, doc: str) -> Any:
-    """The registered gauge of that name, or a new one. Several stat loggers
-    in one process (one per DP rank) share the gauge through their labels;
-    registering it twice would raise. (A new PrometheusStatLogger unregisters
-    every lmdeploy collector, ours included, so a gauge is recreated then.)"""
-    existing = getattr(prometheus_client.REGISTRY, "_names_to_collectors", {}).get(name)
-    if isinstance(existing, prometheus_client.Gauge):
-        return existing
-    return prometheus_client.Gauge(name=name, documentation=doc, labelnames=["model_name", "engine"])
+    if not _REGISTERED or _REGISTERED[0] is not prometheus_client.REGISTRY:
+        # No `_name`: LMDeploy's PrometheusStatLogger unregisters collectors
+        # that have one with "lmdeploy" in it; this one outlives loggers and
+        # drops each logger's figures with the logger.
+        prometheus_client.REGISTRY.register(_COLLECTOR)
+        _REGISTERED[:] = [prometheus_client.REGISTRY]
+    _COLLECTOR.update(logger, _LABELS.get(logger, ["", "0"]), host)

@@ -68,6 +68,7 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
     slots = host_pool_slots(cache_config, block_bytes_per_rank, len(block_bytes_per_rank), available_ram_bytes())
     cache_config.host_cache_slots = slots
     cache_config.host_cache_block_bytes = sum(block_bytes_per_rank)
+    cache_config.host_cache_rank_block_bytes = max(block_bytes_per_rank)  # ranks copy their shares in parallel
     total = slots * sum(block_bytes_per_rank)
     log_once(f"host pool: {slots} blocks per rank, {total / GIB:.2f} GiB over {len(block_bytes_per_rank)} rank(s) "
              f"({slots / max(1, cache_config.num_gpu_blocks):.2f}x the GPU cache)")

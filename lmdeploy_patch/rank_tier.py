@@ -21,6 +21,12 @@ Stream order on a GPU (two copy streams per rank, inside the SlotStore):
 
 Which rank store belongs to which model agent and cache engine is kept
 here, weakly keyed by those LMDeploy objects.
+
+What a rank measures for the restore decision (restore_decision.py): its
+restore bandwidth once, when its store is built (calibrate_restore), and
+the time of each prefill forward; and, for /metrics, each restore's latency
+from its plan to its copy seen complete. The scheduler reads them from the
+ranks in its own process (local_figures): the single-GPU executor's.
 """
 from __future__ import annotations
 
@@ -33,8 +39,13 @@ from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
 
 from .copy_plan import HostCopyPlan
 from .eligibility import tier_slots
+from .histogram import LATENCY_BOUNDS_S, Histogram
 from .log import log_once
 from .settings import slot_stride
+
+# Bytes the start-up calibration copies each way: enough that a copy's fixed
+# cost does not dominate, little enough to take milliseconds.
+CALIBRATION_BYTES = 64 << 20
 
 def pool_regions(allocation: Any, blocks_per_logical: int) -> tuple[list[Region], int]:
     """One region per layer of every pool of a CacheAllocation.
@@ -80,6 +91,12 @@ class WorkerTier:
         self._wait_events: list = []  # CUDA (start, end) events not yet resolved
         self._submits = 0
         self._pin_said: set[str] = set()
+        self.restore_bytes_per_s: Optional[float] = None  # calibrate_restore
+        self.restore_latency = Histogram(LATENCY_BOUNDS_S)
+        self._restores_unseen: list[tuple[float, Any]] = []  # (plan time, transfer) not yet seen complete
+        self._forwards: list[tuple[int, Any, Any]] = []      # (tokens, start, end) of prefill forwards, CUDA
+        self._forward_start: Optional[tuple[int, Any]] = None
+        self.prefill_samples: list[tuple[int, float]] = []  # (tokens, seconds) not yet read by the scheduler
         self.report_pinning()
 
     def report_pinning(self) -> None:
@@ -125,11 +142,14 @@ class WorkerTier:
             if len(plan.restore_slots):
                 # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
                 after = stream if plan.restore_after_forward or stream is None else 0
-                self._submit(self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=after))
+                transfer = self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=after)
+                self._submit(transfer)
+                self._restores_unseen.append((plan.created, transfer))
                 self.blocks_restored += len(plan.restore_slots)
         # Restores are always waited for: the model reads what they write.
         waits = self._unwaited["restore"] + (self._unwaited["offload"] if wait_saves else [])
         if not waits:
+            self._see_restores()
             return
         if self.cuda:
             import torch
@@ -147,9 +167,107 @@ class WorkerTier:
             for t in waits:
                 t.wait()
             self._waited += time.perf_counter() - t0
+        self._see_restores()
         self._unwaited["restore"] = []
         if wait_saves:
             self._unwaited["offload"] = []
+
+    def _see_restores(self) -> None:
+        """Restore latency, plan to copy complete, for each restore now seen
+        complete. A CUDA copy is looked at on each forward boundary, so its
+        latency is an upper bound by at most one forward; a CPU one is seen
+        when the forward waits for it."""
+        if not self._restores_unseen:
+            return
+        now, unseen = time.monotonic(), []
+        for created, transfer in self._restores_unseen:
+            if transfer.done():
+                if created > 0:
+                    self.restore_latency.observe(max(0.0, now - created))
+            else:
+                unseen.append((created, transfer))
+        self._restores_unseen = unseen
+
+    # ----- prefill timing (restore_decision.py learns the prefill rate from it)
+
+    def forward_starts(self, tokens: int, prefill: bool, stream: Any) -> None:
+        """The model is about to run `tokens` tokens; only prefills are timed."""
+        if not prefill or tokens <= 0:
+            self._forward_start = None
+            return
+        if self.cuda:
+            import torch
+
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            self._forward_start = (tokens, start)
+        else:
+            self._forward_start = (tokens, time.perf_counter())
+
+    def forward_ends(self, stream: Any) -> None:
+        started, self._forward_start = self._forward_start, None
+        if started is None:
+            return
+        tokens, start = started
+        if not self.cuda:
+            self._sample(tokens, time.perf_counter() - start)
+            return
+        import torch
+
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(stream)
+        self._forwards.append((tokens, start, end))
+        self._resolve_forwards()
+
+    def _resolve_forwards(self) -> None:
+        pending = []
+        for tokens, start, end in self._forwards:
+            if end.query():
+                self._sample(tokens, start.elapsed_time(end) / 1e3)
+            else:
+                pending.append((tokens, start, end))
+        self._forwards = pending[-64:]  # a bound; nobody waits on these
+
+    def _sample(self, tokens: int, seconds: float) -> None:
+        self.prefill_samples.append((tokens, seconds))
+        del self.prefill_samples[:-256]  # kept until the scheduler reads them; a bound if it never does
+
+    def take_prefill_samples(self) -> list[tuple[int, float]]:
+        if self.cuda:
+            self._resolve_forwards()
+        samples, self.prefill_samples = self.prefill_samples, []
+        return samples
+
+    # ----- start-up calibration
+
+    def calibrate_restore(self, num_device_blocks: int, stream: Any = None) -> Optional[float]:
+        """The restore bandwidth of this rank (bytes/s): copies a few blocks
+        to host slots and back, timing the way back. Run once, when the store
+        is built and before any forward: the blocks get their own bytes back,
+        and the slots hold nothing the scheduler has indexed yet."""
+        n = min(self.store.num_slots, num_device_blocks,
+                max(1, CALIBRATION_BYTES // max(1, self.store.slot_bytes)))
+        if n <= 0:
+            return None
+        import numpy as np
+
+        slots = np.arange(n, dtype=np.uint32)
+        blocks = np.arange(n, dtype=np.int32)
+        try:
+            # After the stream: the pools may still be being zeroed on it.
+            if not self.store.offload(slots, blocks, after_stream=stream).wait():
+                return None
+            t0 = time.perf_counter()
+            ok = self.store.restore(slots, blocks, after_stream=0).wait()  # after the offload only
+            seconds = time.perf_counter() - t0
+        except Exception as e:  # a measurement, never a reason to stop the engine
+            log_once(f"the host pool's restore bandwidth could not be measured ({e}); restores are not weighed "
+                     "against recomputing")
+            return None
+        if not ok or seconds <= 0:
+            return None
+        self.restore_bytes_per_s = n * self.store.slot_bytes / seconds
+        return self.restore_bytes_per_s
 
     def wait_seconds(self) -> float:
         """Time forwards spent waiting for host copies: what the tier cost them."""
@@ -193,7 +311,14 @@ def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: in
     if store.num_slots != slots:
         raise RuntimeError(f"host pool has {store.num_slots} slots, the scheduler expects {slots}")
     store._allocation = allocation  # the pools must outlive the store
-    return WorkerTier(store, cuda=device.startswith("cuda"))
+    worker = WorkerTier(store, cuda=device.startswith("cuda"))
+    stream = None
+    if worker.cuda:
+        import torch
+
+        stream = torch.cuda.current_stream()
+    worker.calibrate_restore(num_blocks, stream)
+    return worker
 
 
 def copy_path() -> str:
@@ -251,11 +376,34 @@ def local_workers() -> list[WorkerTier]:
     return list({id(w): w for w in (*_BY_AGENT.values(), *_BY_CACHE_ENGINE.values())}.values())
 
 
-def local_wait_seconds() -> dict:
-    """Ranks in this process (the single-GPU executor) report how long
-    forwards waited for copies; other processes' ranks cannot be reached here."""
+def local_figures() -> dict:
+    """What the ranks in this process (the single-GPU executor) measured:
+    how long forwards waited for copies, restore latencies, the restore
+    bandwidth; other processes' ranks cannot be reached here."""
     workers = local_workers()
-    return {"host_restore_wait_seconds": sum(w.wait_seconds() for w in workers)} if workers else {}
+    if not workers:
+        return {}
+    latency = workers[0].restore_latency
+    for w in workers[1:]:
+        latency = latency.merge(w.restore_latency)
+    return {"host_restore_wait_seconds": sum(w.wait_seconds() for w in workers),
+            "host_restore_latency": latency.snapshot()}
+
+
+def local_restore_bandwidth() -> Optional[float]:
+    """The slowest local rank's calibrated restore bandwidth (bytes/s), or None."""
+    rates = [w.restore_bytes_per_s for w in local_workers() if w.restore_bytes_per_s]
+    return min(rates) if rates else None
+
+
+def take_local_prefill_samples() -> list[tuple[int, float]]:
+    """Prefill forwards the local ranks timed since the last call (one rank's:
+    ranks of one forward time the same tokens)."""
+    workers = local_workers()
+    samples = workers[0].take_prefill_samples() if workers else []
+    for w in workers[1:]:
+        w.take_prefill_samples()
+    return samples
 
 
 def attach_to_agent(agent: Any) -> None:

@@ -33,6 +33,26 @@ partial tail whose KV is computed, the tail is saved too, as an index entry
 under the chain key of its last full block, with its tokens padded by
 TAIL_PAD (never a token id, so no full-block match can reach it), and the
 session's next match restores it into its fresh block and resumes mid-block.
+
+Write policies (host_cache_write_policy; docs/lmdeploy_integration.md has
+the table): write_through saves every full block as it is computed;
+write_back saves what the GPU trie evicts; write_through_selective saves
+only what has shown it will be reused, each as late as it can:
+  - a block the GPU trie served, right after the forward that reused it
+    (it is hot: in chat every later turn reuses it again);
+  - a block the GPU trie evicts, while this engine's turns are usually
+    continued: the continuation rate (`_Continuations`) counts ended turns
+    (RUNNING to STOPPED) whose history a later prompt continued, found by
+    the chain key of the turn's last full block (or, with sessions kept
+    open, the same sequence coming back). Only ended or released sequences
+    have evictable blocks, so these are blocks of turns that ended.
+A workload whose turns are not continued (one-off requests, no reuse)
+moves only what the GPU trie served twice; chat moves what write_back
+moves, not the blocks the GPU reused before evicting them, nor the last
+turns that write_through saves on the chance.
+
+Restore or recompute (host_cache_restore_policy): each host hit is weighed
+by the RestoreDecider (restore_decision.py) before it is pinned for a plan.
 """
 from __future__ import annotations
 
@@ -47,9 +67,11 @@ from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
 
 from .copy_plan import HostCopyPlan
 from .eligibility import off_reason, tier_slots, turn_off
+from .histogram import SIZE_BOUNDS_BYTES, Histogram
 from .log import log_once
 from .lost_hits import LostHits, shadow_keys
-from .settings import WRITE_POLICIES, host_cache_requested
+from .restore_decision import RestoreDecider
+from .settings import DEFAULT_RESTORE_POLICY, WRITE_POLICIES, host_cache_requested
 
 _NO_BLOCKS = np.empty(0, dtype=np.int64)
 _NO_SLOTS = np.empty(0, dtype=np.uint32)
@@ -128,7 +150,8 @@ class HostTier:
     """Scheduler-side host tier of one engine (one index for all ranks)."""
 
     def __init__(self, num_slots: int, block_size: int, write_policy: str, bytes_per_block: int,
-                 allocator: Any, num_gpu_blocks: int = 0):
+                 allocator: Any, num_gpu_blocks: int = 0, restore_policy: str = DEFAULT_RESTORE_POLICY,
+                 rank_block_bytes: int = 0):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"host_cache_write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
         self.index = _core.TierIndex(num_slots, block_size)
@@ -155,6 +178,10 @@ class HostTier:
         # evicts keeps, and what one that never preempts never recomputes (lost_hits.py)
         self._released: dict[int, tuple[int, bool]] = {}
         self.lost = LostHits(shadow_keys(num_slots, num_gpu_blocks))
+        # Each rank copies its share of a block in parallel with the others.
+        self.decider = RestoreDecider(restore_policy, rank_block_bytes or bytes_per_block, block_size)
+        self.restore_size = Histogram(SIZE_BOUNDS_BYTES)
+        self.continuations = _Continuations(self.lost.shadow_keys)  # write_through_selective
         self._removing: Optional[int] = None  # seq_id whose release saves no tail (removal, rollback)
         self._rolling_back: Optional[int] = None  # seq_id inside LMDeploy's admission rollback
         # Stopped sequences' tails pay only if their session continues, which
@@ -206,7 +233,10 @@ class HostTier:
         # earlier save still reads it (HostCopyPlan.wait_saves).
         self._evicted = True
         rec = _RECORDS.get(node)
-        if self.write_policy != "write_back" or rec is None or rec.key is None or rec.saved:
+        if rec is None or rec.key is None or rec.saved:
+            return
+        if self.write_policy != "write_back" and not (self.write_policy == "write_through_selective"
+                                                      and self.continuations.likely()):
             return
         physical = self._physical(node.block_id)
         slot = self._store(rec)
@@ -284,7 +314,11 @@ class HostTier:
         after = start + len(slots) * bs
         parent = keys[-1] if len(keys) else cursor_record.key
         tail, tail_tokens = self._match_tail(seq, parent, ns, after)
-        self._note_lost(seq, parent, ns, after, end, after + tail_tokens)
+        rest = (_core.block_keys(parent, ns, as_tokens(seq.history_cache[after:end]), bs) if end > after
+                else _NO_BLOCKS)
+        if self.write_policy == "write_through_selective":
+            self.continuations.admitted(seq.seq_id, cursor_record.key, keys, rest)
+        self._note_lost(seq, rest, after, end, after + tail_tokens)
         queried += tail_tokens  # 0 without a tail
         self.stats.queried_tokens += queried
         self._queried[seq.seq_id] = queried
@@ -293,6 +327,12 @@ class HostTier:
         if not len(slots):
             return
         hit = after - start + tail_tokens
+        if self.decider.restore_blocks(len(slots), hit) == 0:
+            # Recomputing is estimated faster (or the policy says never):
+            # the hit is given back and counted as lost by choice.
+            self.index.release(slots)
+            self.lost.note(seq.seq_id, "recomputed_by_choice", hit)
+            return
         self._restores[seq.seq_id] = _PendingRestore(slots, start // bs, hit, tail_tokens)
         seq.set_step(start + hit)
         if not seq.prefix_cache.suppress_match_stats:
@@ -300,18 +340,18 @@ class HostTier:
         self.stats.hit_tokens += hit
         self.stats.tail_hit_tokens += tail_tokens
 
-    def _note_lost(self, seq: Any, parent: int, ns: int, after: int, end: int, served: int) -> None:
+    def _note_lost(self, seq: Any, rest: np.ndarray, after: int, end: int, served: int) -> None:
         """What this admission recomputes that a never-evicting cache would
         have served (lost_hits.py): `served` tokens are cached now, whole
-        host blocks reach `after`, LMDeploy's match could reach `end`."""
+        host blocks reach `after`, LMDeploy's match could reach `end`;
+        `rest` holds the chain keys of the blocks from `after` to `end`."""
         bs = self.block_size
         released = self._released.get(seq.seq_id)  # kept until the sequence runs: a rollback retries
         if released is not None and released[1]:
             return  # preempted: counted when it runs (_planned_restores)
         blocks, cause = 0, None
-        if end > after:
-            keys = _core.block_keys(parent, ns, as_tokens(seq.history_cache[after:end]), bs)
-            blocks, cause = self.lost.chain_loss(keys)
+        if len(rest):
+            blocks, cause = self.lost.chain_loss(rest)
         chain = min(blocks * bs, max(0, end - served))
         if cause is not None:
             self.lost.note(seq.seq_id, cause, chain)
@@ -343,6 +383,15 @@ class HostTier:
             if self.save_stopped_tails or not _is_stopped(seq):
                 self._save_tail(seq)
         self.cancel(seq)
+
+    def on_turn_end(self, seq: Any) -> None:
+        """seq's turn ended (RUNNING to STOPPED): write_through_selective
+        notes where its conversation would continue (module docstring)."""
+        if self.write_policy != "write_through_selective":
+            return
+        cursor = seq.prefix_cache.trie_cursor
+        rec = _RECORDS.get(cursor) if cursor is not None else None
+        self.continuations.ended(seq.seq_id, rec.key if rec is not None and cursor.parent is not None else None)
 
     def on_preempt(self, seq: Any) -> None:
         """A running sequence goes back to waiting (LMDeploy's preempt_seqs)."""
@@ -446,7 +495,10 @@ class HostTier:
             self.index.begin_restore(slots, True)
             self.index.restored(slots, True, True)
             restore += zip(slots.tolist(), np.asarray(physical)[taken].tolist())
+            if len(slots):
+                self.restore_size.observe(len(slots) * self.bytes_per_block)
         self.stats.blocks_restored += len(restore)
+        self.decider.planned(len(restore))
         return restore
 
     def _planned_saves(self) -> list[tuple[int, int]]:
@@ -486,6 +538,7 @@ class HostTier:
         self.index = _core.TierIndex(self.index.capacity, self.block_size)
         self._pre, self._post_nodes, self._restores, self._queried, self._tails = [], [], {}, {}, {}
         self._released = {}
+        self.continuations.reset()
         self.lost.reset()
         self._evicted = False
         self._in_flight = (_NO_BLOCKS, _NO_BLOCKS)
@@ -509,8 +562,10 @@ class HostTier:
             "host_bytes_saved": s.blocks_saved * self.bytes_per_block,
             "host_bytes_restored": s.blocks_restored * self.bytes_per_block,
             "host_saves_dropped": s.saves_dropped, "host_tails_saved": s.tails_saved,
-            "host_tail_hit_tokens": s.tail_hit_tokens, **self.lost.metrics(), "host_evictions": self._evictions_before + self.index.evictions,
+            "host_tail_hit_tokens": s.tail_hit_tokens, **self.lost.metrics(),
+            "host_evictions": self._evictions_before + self.index.evictions,
             "host_slots_used": used, "host_slots_total": total, "host_occupancy": used / total,
+            **self.decider.metrics(), "host_restore_size": self.restore_size.snapshot(),
         }
 
 
@@ -538,7 +593,66 @@ class _ReleaseFlag:
         if self.forget:
             self.tier._tails.pop(self.seq_id, None)
             self.tier._released.pop(self.seq_id, None)
+            self.tier.continuations.forget(self.seq_id)
             self.tier.lost.rollback(self.seq_id)
+
+
+class _Continuations:
+    """How often this engine's ended turns are continued by a later prompt
+    (write_through_selective; module docstring). A decayed rate, so that a
+    workload that changes is followed; optimistic until WARMUP turns ended,
+    so that the first conversations' first turns are kept."""
+
+    WARMUP = 64
+    THRESHOLD = 0.25  # chat continues most turns; one-off requests none
+    DECAY = 1.0 - 1.0 / 4096
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._ends: dict[int, None] = {}  # chain key of an ended turn's last full block, oldest first
+        self._open: set[int] = set()      # seq_ids whose turn ended, the session still open
+        self.turns = 0.0                  # decayed count of ended turns
+        self.continued = 0.0              # decayed count of those continued
+        self.seen = 0
+
+    def ended(self, seq_id: int, last_key: Optional[int]) -> None:
+        self.turns = self.turns * self.DECAY + 1
+        self.continued *= self.DECAY
+        self.seen += 1
+        self._open.add(seq_id)  # dropped when the session ends (forget)
+        if last_key is not None:
+            self._ends.pop(last_key, None)
+            self._ends[last_key] = None
+            if len(self._ends) > self.cap:
+                del self._ends[next(iter(self._ends))]
+
+    def admitted(self, seq_id: int, cursor_key: int, host_keys: np.ndarray, rest: np.ndarray) -> None:
+        """An admission's chain: the GPU match's last key, the host hit's keys, the keys after them."""
+        if seq_id in self._open:  # the next turn of a session kept open
+            self._open.discard(seq_id)
+            self.continued += 1
+            return
+        ends = self._ends
+        if not ends:
+            return
+        for key in (cursor_key, *map(int, host_keys), *map(int, rest)):
+            if key in ends:
+                del ends[key]  # one continuation per ended turn
+                self.continued += 1
+                return
+
+    def forget(self, seq_id: int) -> None:
+        self._open.discard(seq_id)
+
+    def rate(self) -> float:
+        return self.continued / self.turns if self.turns else 0.0
+
+    def likely(self) -> bool:
+        return self.seen < self.WARMUP or self.rate() >= self.THRESHOLD
+
+    def reset(self) -> None:
+        self._ends.clear()
+        self._open.clear()
 
 
 def prepare(cache_config: Any) -> None:
@@ -563,8 +677,11 @@ def attach(scheduler: Any) -> None:
     tier = HostTier(num_slots=slots, block_size=cc.block_size,
                     write_policy=getattr(cc, "host_cache_write_policy", "write_through"),
                     bytes_per_block=getattr(cc, "host_cache_block_bytes", 0),
-                    allocator=scheduler.block_manager.allocator, num_gpu_blocks=cc.num_gpu_blocks)
+                    allocator=scheduler.block_manager.allocator, num_gpu_blocks=cc.num_gpu_blocks,
+                    restore_policy=getattr(cc, "host_cache_restore_policy", DEFAULT_RESTORE_POLICY),
+                    rank_block_bytes=getattr(cc, "host_cache_rank_block_bytes", 0))
     tier.serve(scheduler, scheduler.block_trie, scheduler.sequence_lifecycle)
     for root in scheduler.block_trie._roots.values():
         tier.add_root(root)
-    log_once(f"host cache on: {slots} blocks per rank, write policy {tier.write_policy}")
+    log_once(f"host cache on: {slots} blocks per rank, write policy {tier.write_policy}, "
+             f"restore policy {tier.decider.policy}")

@@ -13,16 +13,21 @@ import os
 import contextvars
 from typing import Any, Iterator, Mapping
 
-HOST_CACHE_FIELDS: tuple[str, ...] = ("host_cache_ratio", "host_cache_size", "host_cache_write_policy")
+HOST_CACHE_FIELDS: tuple[str, ...] = ("host_cache_ratio", "host_cache_size", "host_cache_write_policy",
+                                      "host_cache_restore_policy")
 WRITE_POLICIES: tuple[str, ...] = ("write_through", "write_through_selective", "write_back")
 DEFAULT_WRITE_POLICY = "write_through"
+# Whether a host hit is restored or recomputed (restore_decision.py).
+RESTORE_POLICIES: tuple[str, ...] = ("auto", "always", "never")
+DEFAULT_RESTORE_POLICY = "auto"
 FIELD_DEFAULTS: dict[str, Any] = {
     "host_cache_ratio": 0.0,
     "host_cache_size": None,
     "host_cache_write_policy": DEFAULT_WRITE_POLICY,
+    "host_cache_restore_policy": DEFAULT_RESTORE_POLICY,
 }
 FIELD_TYPES: dict[str, Any] = {"host_cache_ratio": float, "host_cache_size": float | None,
-                               "host_cache_write_policy": str}
+                               "host_cache_write_policy": str, "host_cache_restore_policy": str}
 # What `--host-cache` turns on: host pool = 4 x this rank's GPU KV-cache bytes.
 DEFAULT_HOST_CACHE_RATIO = 4.0
 GIB = 1 << 30
@@ -119,14 +124,19 @@ def check_size(value: object, name: str = "host_cache_size", *, check_ram: bool 
     return number
 
 
-def check_policy(value: object, name: str = "host_cache_write_policy") -> str:
-    if not isinstance(value, str) or value not in WRITE_POLICIES:
-        raise ValueError(f"{name} must be one of {', '.join(WRITE_POLICIES)}; got {value!r}")
+def check_policy(value: object, name: str = "host_cache_write_policy",
+                 accepted: tuple[str, ...] = WRITE_POLICIES) -> str:
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
     return value
 
 
+def check_restore_policy(value: object, name: str = "host_cache_restore_policy") -> str:
+    return check_policy(value, name, RESTORE_POLICIES)
+
+
 def validate_host_cache_values(values: Mapping[str, Any], *, check_ram: bool = True) -> dict[str, Any]:
-    """All three fields (missing ones take their defaults), validated and normalised."""
+    """All the fields (missing ones take their defaults), validated and normalised."""
     merged = {**FIELD_DEFAULTS, **values}
     unknown = set(merged) - set(HOST_CACHE_FIELDS)
     if unknown:
@@ -135,6 +145,7 @@ def validate_host_cache_values(values: Mapping[str, Any], *, check_ram: bool = T
         "host_cache_ratio": check_ratio(merged["host_cache_ratio"]),
         "host_cache_size": check_size(merged["host_cache_size"], check_ram=check_ram),
         "host_cache_write_policy": check_policy(merged["host_cache_write_policy"]),
+        "host_cache_restore_policy": check_restore_policy(merged["host_cache_restore_policy"]),
     }
 
 
@@ -147,7 +158,7 @@ def validate_host_cache_fields(cfg: Any, *, check_ram: bool = True) -> None:
 # ----- reading any config
 
 def host_cache_values(cfg: Any) -> dict[str, Any]:
-    """The three values of `cfg`, defaults for what it lacks."""
+    """The host-cache values of `cfg`, defaults for what it lacks."""
     return {name: getattr(cfg, name, default) for name, default in FIELD_DEFAULTS.items()}
 
 
@@ -160,7 +171,7 @@ def host_cache_requested(cfg: Any) -> bool:
 
 
 def copy_host_cache_fields(src: Any, dst: Any) -> None:
-    """Sets the three values of `src` on `dst` (values are already validated)."""
+    """Sets the host-cache values of `src` on `dst` (values are already validated)."""
     for name, value in host_cache_values(src).items():
         object.__setattr__(dst, name, value)
 

@@ -73,9 +73,9 @@ class FakeServer:
             "# HELP lmdeploy:prompt_tokens_total x",
             f'lmdeploy:prompt_tokens_total{{model_name="fake",engine="0"}} {c["prompt"]}',
             f'lmdeploy:cached_tokens_total{{model_name="fake",engine="0"}} {c["cached"]}',
-            f'lmdeploy:host_cache_hit_tokens{{model_name="fake",engine="0"}} {c["host"]}',
-            f'lmdeploy:host_cache_bytes_restored{{model_name="fake",engine="0"}} {c["host"] * 1000}',
-            f'lmdeploy:host_cache_restore_wait_seconds{{model_name="fake",engine="0"}} {c["host"] * 1e-6}',
+            f'lmdeploy:host_cache_hit_tokens_total{{model_name="fake",engine="0"}} {c["host"]}',
+            f'lmdeploy:host_cache_restored_bytes_total{{model_name="fake",engine="0"}} {c["host"] * 1000}',
+            f'lmdeploy:host_cache_restore_wait_seconds_total{{model_name="fake",engine="0"}} {c["host"] * 1e-6}',
         ])
         return web.Response(text=text + "\n")
 
@@ -187,4 +187,4 @@ def test_pipeline_users_walk_conversations():
     s = multiturn.summarize_server(records, before, after, pinned_gbps=50.0)
     assert s["output_tokens"] == 36 and s["prompt_tokens"] == sum(r.prompt_tokens for r in records)
     assert s["tokens_gpu_hit"] + s["tokens_host_hit"] + s["tokens_recomputed"] == s["prompt_tokens"]
-    assert s["tokens_host_hit"] == after["lmdeploy:host_cache_hit_tokens"] > 0
+    assert s["tokens_host_hit"] == after["lmdeploy:host_cache_hit_tokens_total"] > 0

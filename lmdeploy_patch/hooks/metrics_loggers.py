@@ -1,5 +1,5 @@
 """lmdeploy.metrics.loggers.PrometheusStatLogger: the host figures become
-lmdeploy:host_cache_* gauges on /metrics (metrics_export.py)."""
+lmdeploy:host_cache_* counters, gauges and histograms on /metrics (metrics_export.py)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -22,7 +22,7 @@ def record_schedule(original: Callable, self: Any, stats: Any) -> Any:
     result = original(self, stats)
     host = getattr(stats, "host_cache", None)
     if host is not None:
-        from ..metrics_export import set_host_gauges
+        from ..metrics_export import record_host_figures
 
-        set_host_gauges(self, host)
+        record_host_figures(self, host)
     return result

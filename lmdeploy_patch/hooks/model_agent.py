@@ -4,7 +4,8 @@ with the pools on sleep and on close.
 
 Why safe: _restore_cache_checkpoint / _save_cache_checkpoint are called by
 LMDeploy on the forward stream right before and after the model, looked up
-as module globals at call time; build_cache_engine: the pools exist and are
+as module globals at call time (prefill forwards are timed between them,
+by host clock on CPU and CUDA events on a GPU: nothing waits on them); build_cache_engine: the pools exist and are
 final; sleep releases the pools (wakeup builds new ones, possibly for new
 weights), so the store that holds them is dropped after LMDeploy's sleep
 drained the device; release (engine close, Engine._loop_finally): the store
@@ -35,9 +36,17 @@ def _restore_cache_checkpoint(original: Callable, inputs: Any, cache_inputs: Any
     from ..rank_tier import worker_for
 
     worker = worker_for(cache_engine)
-    if worker is not None and not inputs.is_dummy:
-        worker.before_model(getattr(cache_inputs, "host_plan", None), _current_stream(worker))
-    return original(inputs, cache_inputs, cache_engine, state_cache_engine)
+    if worker is None or inputs.is_dummy:
+        return original(inputs, cache_inputs, cache_engine, state_cache_engine)
+    stream = _current_stream(worker)
+    worker.before_model(getattr(cache_inputs, "host_plan", None), stream)
+    result = original(inputs, cache_inputs, cache_engine, state_cache_engine)
+    # Timed from here to _save_cache_checkpoint: the model alone (the restore
+    # decision learns this engine's prefill rate from it).
+    ids = getattr(inputs, "input_ids", None)
+    worker.forward_starts(int(ids.numel()) if ids is not None else 0, not getattr(inputs, "is_decoding", True),
+                          stream)
+    return result
 
 
 @wrap(AGENT, "_save_cache_checkpoint", CHECKPOINT_PARAMS)
@@ -48,7 +57,9 @@ def _save_cache_checkpoint(original: Callable, inputs: Any, cache_inputs: Any, c
 
     worker = worker_for(cache_engine)
     if worker is not None and not inputs.is_dummy:
-        worker.after_model(getattr(cache_inputs, "host_plan", None), _current_stream(worker))
+        stream = _current_stream(worker)
+        worker.forward_ends(stream)
+        worker.after_model(getattr(cache_inputs, "host_plan", None), stream)
     return result
 
 

@@ -29,9 +29,9 @@ def schedule_metrics(original: Callable, self: Any) -> Any:
     metrics = original(self)
     tier = tier_of(self)
     if tier is not None:
-        from ..rank_tier import local_wait_seconds
+        from ..rank_tier import local_figures
 
-        metrics.host_cache = {**tier.metrics(), **local_wait_seconds()}
+        metrics.host_cache = {**tier.metrics(), **local_figures()}
     return metrics
 
 

@@ -10,6 +10,9 @@
   the slot pins of a restore that will never be planned.
 - remove_sequence: the session ends; its tail is not worth a copy, and the
   tier forgets it.
+- RunningState.finish: a turn ended (RUNNING to STOPPED); the selective
+  write policy learns from it where a conversation may continue
+  (scheduler_tier.HostTier.on_turn_end). Only reads the sequence.
 """
 from __future__ import annotations
 
@@ -26,6 +29,20 @@ def release_paging_resources(original: Callable, self: Any, seq: Any) -> Any:
     if tier is not None:
         tier.on_release(seq)
     return original(self, seq)
+
+
+@wrap("lmdeploy.pytorch.paging.seq_states.states", "RunningState.finish", ["self"])
+def finish(original: Callable, self: Any) -> Any:
+    result = original(self)
+    from ..scheduler_tier import tier_of
+
+    tier = tier_of(self.lifecycle)
+    if tier is not None:
+        from lmdeploy.pytorch.messages import MessageStatus
+
+        if self.seq.status == MessageStatus.STOPPED:  # not a migration's hand-off
+            tier.on_turn_end(self.seq)
+    return result
 
 
 @wrap("lmdeploy.pytorch.paging.seq_states.states", "SequenceLifecycle.remove_sequence", ["self", "seq"])

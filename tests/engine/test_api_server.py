@@ -50,7 +50,7 @@ def test_cached_tokens_count_host_hits(served):
     per_turn = [(a["conversation"], a["turn"], a["cached_tokens"], b["cached_tokens"])
                 for a, b in zip(on, ref) if a["cached_tokens"] != b["cached_tokens"]]
     assert not per_turn, per_turn
-    hits = m["lmdeploy:host_cache_hit_tokens"]
+    hits = m["lmdeploy:host_cache_hit_tokens_total"]
     cached = sum(r["cached_tokens"] for r in on)
     assert 0 < hits <= cached and hits % BLOCK_TOKENS == 0, (hits, cached)
     # LMDeploy's own counters on the same /metrics agree with the replies' usage
@@ -60,15 +60,22 @@ def test_cached_tokens_count_host_hits(served):
 
 def test_metrics_agree_with_the_engine(served):
     m = served["metrics"]
-    g = {k.split("host_cache_")[1]: v for k, v in m.items() if "host_cache_" in k}
-    assert g["slots_total"] == DEFAULT_RATIO * ON_GPU_BLOCKS  # --host-cache: the default ratio
-    assert g["bytes_saved"] == g["blocks_saved"] * BLOCK_BYTES
-    assert g["bytes_restored"] == g["blocks_restored"] * BLOCK_BYTES
+    g = {k.split("host_cache_")[1].removesuffix("_total"): v for k, v in m.items() if "host_cache_" in k}
+    assert g["slots_capacity"] == DEFAULT_RATIO * ON_GPU_BLOCKS  # --host-cache: the default ratio
+    assert g["saved_bytes"] == g["blocks_saved"] * BLOCK_BYTES
+    assert g["restored_bytes"] == g["blocks_restored"] * BLOCK_BYTES
     assert g["slots_used"] == g["blocks_saved"] - g["evictions"]
-    assert g["occupancy"] == pytest.approx(g["slots_used"] / g["slots_total"])
-    assert g["hit_rate"] == pytest.approx(g["hit_tokens"] / g["queried_tokens"])
+    assert g["occupancy"] == pytest.approx(g["slots_used"] / g["slots_capacity"])
+    assert g["hit_ratio"] == pytest.approx(g["hit_tokens"] / g["queried_tokens"])
     assert g["blocks_restored"] * BLOCK_TOKENS <= g["hit_tokens"]  # restores skipped by trie dedup are not copied
     assert g["blocks_restored"] > 0 and g["saves_dropped"] == 0
+    # Restore or recompute: the ranks live in the server process, so the
+    # decision had both figures; on this CPU a copy beats recomputing.
+    assert g["copy_bytes_per_second"] > 0 and g["prefill_tokens_per_second"] > 0, g
+    assert g["recomputes_chosen"] == 0 and g["restores_chosen"] > 0, g
+    # Histograms: one size per admission that restored, one latency per restore
+    assert g["restore_size_bytes_count"] > 0 and g["restore_size_bytes_sum"] == g["restored_bytes"]
+    assert g["restore_latency_seconds_count"] > 0
     assert m["lmdeploy:prefix_cache_hit_rate"] > 0
     assert not any("host_cache" in k for k in served["metrics_ref"]), "the tier-off server exports host figures"
 

@@ -19,9 +19,11 @@ kept on the GPU) and the same cached-token count (every block `ref` served
 from its cache, `on` serves from GPU or host). The covering set below spans
 quant policies 0/4/8, the three write policies, and turns sent one at a
 time or a turn's requests in flight together; bf16 throughout.
-write_through_selective saves only blocks the GPU cache served at least
-once, so it is held to equal tokens, to cached tokens never above the
-reference's, and to more cached tokens than the same cache without the tier.
+write_through_selective saves only blocks that showed reuse (served by the
+GPU cache, or evicted while turns are being continued:
+lmdeploy_patch/scheduler_tier.py), so it is held to equal tokens, to cached
+tokens never above the reference's, and to more cached tokens than the same
+cache without the tier.
 The negative control corrupts restored blocks after they land and must make
 tokens differ.
 
@@ -123,7 +125,7 @@ def test_tier_on_caches_what_the_reference_cached(runs, name):
     assert on["patch"].get("enabled") is True and host is not None, (on["patch"], on["metrics"])
     assert host["host_hit_tokens"] > 0 and host["host_blocks_restored"] > 0, host
     if ON_RUNS[name.removesuffix("-graphs")][1] == "write_through_selective":
-        # It saves only blocks the GPU cache served once, so it may cache less
+        # It saves only blocks that showed reuse, so it may cache less
         # than the reference, but more than the same cache without the tier.
         off = get(runs, "off-q0-conc")
         over = [(a["session"], a["turn"], a["cached_tokens"], b["cached_tokens"])

@@ -12,7 +12,8 @@ from lmdeploy.messages import QuantPolicy  # noqa: E402
 from lmdeploy_patch.cli_flags import TURBOMIND_FLAG_ERROR  # noqa: E402
 from lmdeploy_patch.settings import DEFAULT_HOST_CACHE_RATIO, HOST_CACHE_FIELDS  # noqa: E402
 
-FLAGS = ["--host-cache", "--host-cache-ratio", "--host-cache-size", "--host-cache-write-policy"]
+FLAGS = ["--host-cache", "--host-cache-ratio", "--host-cache-size", "--host-cache-write-policy",
+         "--host-cache-restore-policy"]
 
 
 def host_values(ns):
@@ -68,6 +69,7 @@ BAD_FLAGS = [
     (["--host-cache-size=-inf"], ["--host-cache-size", "finite"]),  # "-inf" alone reads as an option
     (["--host-cache-size", "1e9"], ["--host-cache-size", "does not fit", "GiB available"]),
     (["--host-cache-write-policy", "write_around"], ["--host-cache-write-policy", "invalid choice"]),
+    (["--host-cache-restore-policy", "sometimes"], ["--host-cache-restore-policy", "invalid choice", "auto"]),
 ]
 
 
@@ -119,6 +121,7 @@ def test_api_server_help_subprocess(runs):
         assert flag in out
     assert f"default ratio {DEFAULT_HOST_CACHE_RATIO}" in out
     assert "write_through,write_through_selective,write_back" in out
+    assert "auto,always,never" in out
 
 
 def test_turbomind_explicit_subprocess_exit_2(runs):
@@ -174,12 +177,13 @@ def test_api_server_builds_pytorch_config_with_values(cli_parser, tmp_path, capt
                                                       hostcache_log):
     asked = autoget_backend("turbomind")
     run_api_server(cli_parser, tmp_path, "--host-cache", "--host-cache-write-policy", "write_through_selective",
-                   "--quant-policy", "4")
+                   "--host-cache-restore-policy", "never", "--quant-policy", "4")
     (args, kwargs), = captured_serve
     config = kwargs["backend_config"]
     assert kwargs["backend"] == "pytorch" and type(config) is PytorchEngineConfig
     assert config.host_cache_ratio == DEFAULT_HOST_CACHE_RATIO
     assert config.host_cache_write_policy == "write_through_selective"
+    assert config.host_cache_restore_policy == "never"
     assert config.host_cache_size is None and config.quant_policy == QuantPolicy.INT4
     assert asked == []  # the tier decided the backend; LMDeploy's auto-selection was not needed
     assert len(hostcache_log()) == 1 and "TurboMind" in hostcache_log()[0]

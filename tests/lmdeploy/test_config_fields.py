@@ -24,8 +24,10 @@ from lmdeploy_patch.settings import (  # noqa: E402
 )
 
 ENGINE_CONFIGS = [PytorchEngineConfig, TurbomindEngineConfig]
-DEFAULTS = {"host_cache_ratio": 0.0, "host_cache_size": None, "host_cache_write_policy": "write_through"}
-SET = {"host_cache_ratio": 2.5, "host_cache_size": 0.25, "host_cache_write_policy": "write_back"}
+DEFAULTS = {"host_cache_ratio": 0.0, "host_cache_size": None, "host_cache_write_policy": "write_through",
+            "host_cache_restore_policy": "auto"}
+SET = {"host_cache_ratio": 2.5, "host_cache_size": 0.25, "host_cache_write_policy": "write_back",
+       "host_cache_restore_policy": "never"}
 
 
 def values(cfg):
@@ -42,7 +44,7 @@ def test_fields_exist_with_defaults(cls):
     cfg = small_cache_config() if cls is CacheConfig else cls()
     assert values(cfg) == DEFAULTS
     assert all(hasattr(cls, name) for name in HOST_CACHE_FIELDS)  # lmdeploy chat's hasattr(cls, key)
-    assert [f.name for f in dataclasses.fields(cls)][-3:] == list(HOST_CACHE_FIELDS)
+    assert [f.name for f in dataclasses.fields(cls)][-len(HOST_CACHE_FIELDS):] == list(HOST_CACHE_FIELDS)
     assert not host_cache_requested(cfg)
 
 
@@ -73,6 +75,8 @@ BAD_VALUES = [
      ["host_cache_write_policy", "write_through, write_through_selective, write_back"]),
     ({"host_cache_write_policy": 1}, ValueError, ["host_cache_write_policy", "write_back"]),
     ({"host_cache_write_policy": None}, ValueError, ["host_cache_write_policy", "write_back"]),
+    ({"host_cache_restore_policy": "sometimes"}, ValueError, ["host_cache_restore_policy", "auto, always, never"]),
+    ({"host_cache_restore_policy": None}, ValueError, ["host_cache_restore_policy", "auto, always, never"]),
 ]
 
 
@@ -141,7 +145,8 @@ def test_equality_sees_host_cache_fields():
 def test_repr_shows_fields_only_when_on(cls):
     assert "host_cache" not in repr(cls())
     text = repr(cls(host_cache_ratio=2.0))
-    assert text.endswith("host_cache_ratio=2.0, host_cache_size=None, host_cache_write_policy='write_through')")
+    assert text.endswith("host_cache_ratio=2.0, host_cache_size=None, host_cache_write_policy='write_through', "
+                         "host_cache_restore_policy='auto')")
 
 
 def test_unknown_keyword_still_refused_by_pytorch_config():

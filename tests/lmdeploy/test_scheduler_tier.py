@@ -341,3 +341,46 @@ def test_only_running_sequences_count_as_preempted():
     assert not [s.seq_id for s in stopped if eng.tier._released.get(s.seq_id, (0, False))[1]]
     eng.end_all()
     assert_balanced(eng)
+
+
+def _stateless_turn(eng: SimEngine, sid: int, prompt: np.ndarray, steps: int = 3) -> np.ndarray:
+    """One request in its own session, ended after its reply (LMDeploy's
+    server); returns the history a next turn would resend."""
+    seq = eng.turn(sid, prompt, decode_steps=steps)
+    history = np.asarray(seq.history_cache[:seq.num_all_ids]).copy()
+    eng.scheduler.end_session(sid)
+    eng.sessions.pop(sid)
+    return history
+
+
+def test_selective_saves_evictions_only_while_turns_are_continued():
+    """write_through_selective (scheduler_tier module docstring): one-off
+    requests stop moving bytes once the warm-up is over; when conversations
+    continue, evicted blocks are saved again and come back from host."""
+    from lmdeploy_patch.scheduler_tier import _Continuations
+
+    eng = SimEngine(num_gpu_blocks=24, host_slots=256, policy="write_through_selective")
+    eng.tier.save_stopped_tails = False  # sessions end with each request here
+    rng = np.random.default_rng(5)
+    sid = 0
+    for _ in range(_Continuations.WARMUP):
+        _stateless_turn(eng, sid, rng.integers(1000, 30000, size=40))
+        sid += 1
+    saved = eng.tier.stats.blocks_saved
+    for _ in range(40):
+        _stateless_turn(eng, sid, rng.integers(1000, 30000, size=40))
+        sid += 1
+    assert eng.tier.continuations.rate() == 0 and not eng.tier.continuations.likely()
+    assert eng.tier.stats.blocks_saved == saved, "one-off requests' evicted blocks were saved"
+    # Chats: each next turn resends its history; the small GPU cache evicts
+    # between turns, so what comes back from host was saved at eviction.
+    histories = {c: rng.integers(1000, 30000, size=50) for c in range(8)}
+    for _ in range(10):  # the rate is decayed slowly: the one-offs still weigh
+        for c in histories:
+            histories[c] = np.concatenate([_stateless_turn(eng, sid, histories[c]),
+                                           rng.integers(1000, 30000, size=20)])
+            sid += 1
+    assert eng.tier.continuations.likely(), eng.tier.continuations.rate()
+    assert eng.tier.stats.blocks_saved > saved and eng.tier.stats.hit_tokens > 0
+    eng.end_all()
+    assert_balanced(eng)
