@@ -378,7 +378,8 @@ def print_table(runs: dict[str, dict]) -> None:
                 print(f"  restore or recompute ({name}): {host['host_restores_chosen']} host hits restored, "
                       f"{host['host_recomputes_chosen']} recomputed by choice "
                       f"({host['host_recompute_chosen_tokens']} tokens); estimated "
-                      f"{host['host_restore_est_saved_seconds']:.3f} s saved over the other choice")
+                      f"{host['host_restore_est_saved_seconds']:.3f} s saved and "
+                      f"{host['host_restore_est_lost_seconds']:.3f} s lost over the other choice")
     if "off" in runs and "on" in runs:
         off, on = runs["off"], runs["on"]
 

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from .compat import STATE
 from .settings import (DEFAULT_HOST_CACHE_RATIO, DEFAULT_RESTORE_POLICY, DEFAULT_WRITE_POLICY, GIB, HOST_CACHE_FIELDS,
-                       RESTORE_POLICIES, WRITE_POLICIES, check_ratio, check_size, ram_reserve_bytes)
+                       RESTORE_POLICIES, WRITE_POLICIES, DefaultRatio, check_ratio, check_size, ram_reserve_bytes)
 
 TURBOMIND_FLAG_ERROR = (
     "--backend turbomind cannot serve the host KV-cache tier (--host-cache*): TurboMind's compiled engine "
@@ -49,16 +49,19 @@ TURBOMIND_FLAG_ERROR = (
 HELP = {
     "--host-cache": (f"Turn on the host-memory (DRAM) KV-cache tier with the default ratio "
                      f"{DEFAULT_HOST_CACHE_RATIO}: a host pool per rank of {DEFAULT_HOST_CACHE_RATIO} x that "
-                     f"rank's GPU KV-cache bytes. Served by the PyTorch engine. --host-cache-ratio or "
-                     f"--host-cache-size, when given, set the size instead."),
+                     f"rank's GPU KV-cache bytes, shrunk to fit the RAM left (one log line says so). Served by "
+                     f"the PyTorch engine. --host-cache-ratio or --host-cache-size, when given, set the size "
+                     f"instead."),
     "--host-cache-ratio": ("Host KV-cache pool per rank as a multiple of that rank's GPU KV-cache bytes; a "
                            "finite number >= 0, 0 = off. Default: 0 (off); --host-cache alone means "
                            f"{DEFAULT_HOST_CACHE_RATIO}."),
     "--host-cache-size": ("Host KV-cache pool per rank in GiB, overriding --host-cache-ratio; a finite number "
-                          "> 0 that fits in the available RAM minus a {reserve:g} GiB reserve. "
+                          "> 0 that fits in the available RAM (the smaller of MemAvailable and this "
+                          "process's cgroup limit less its use) minus a {reserve:g} GiB reserve. "
                           "Default: unset (use the ratio)."),
     "--host-cache-write-policy": ("When full KV blocks are copied to host memory: write_through (each full "
-                                  "block once computed), write_through_selective (blocks hit repeatedly), "
+                                  "block once computed), write_through_selective (blocks the GPU cache "
+                                  "served, and those it evicts while turns are being continued), "
                                   f"write_back (when the GPU evicts it). Default: {DEFAULT_WRITE_POLICY}."),
     "--host-cache-restore-policy": ("Whether a host hit is copied back or recomputed: auto (restore when the "
                                     "copy, behind the restore stream's backlog, is estimated faster than "
@@ -115,7 +118,7 @@ def _switch_action() -> type:
         def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
             # An explicit --host-cache-ratio wins whichever comes first.
             if not hasattr(namespace, self.dest):
-                setattr(namespace, self.dest, DEFAULT_HOST_CACHE_RATIO)
+                setattr(namespace, self.dest, DefaultRatio(DEFAULT_HOST_CACHE_RATIO))
 
     return HostCacheSwitch
 

@@ -24,6 +24,9 @@ from typing import Any, Iterator
 
 from .lost_hits import CAUSES
 
+# The lost-hit causes that existed before the rename (recomputed_by_choice came with it).
+_CAUSES_BEFORE = ("never_saved", "save_dropped", "evicted_from_host", "partial_block", "preempted")
+
 PREFIX = "lmdeploy:host_cache_"
 LABELS = ["model_name", "engine"]
 
@@ -49,6 +52,9 @@ COUNTERS = {
     "restore_estimated_saved_seconds": ("host_restore_est_saved_seconds",
                                         "Estimated seconds the restore-or-recompute choices saved over the "
                                         "other choice (lmdeploy_patch/restore_decision.py)."),
+    "restore_estimated_lost_seconds": ("host_restore_est_lost_seconds",
+                                       "Estimated seconds choices cost over the other choice: restores under "
+                                       "host_cache_restore_policy=always, or before the figures were measured."),
     **{f"lost_{cause}_tokens": (f"host_lost_{cause}_tokens",
                                 f"Prompt tokens a never-evicting GPU cache would have served, recomputed: {cause} "
                                 "(lmdeploy_patch/lost_hits.py).") for cause in CAUSES},
@@ -77,7 +83,7 @@ RENAMED = {
     **{PREFIX + old: PREFIX + _COUNTER_RENAMES.get(old, old) + "_total"
        for old in ("hit_tokens", "queried_tokens", "blocks_saved", "blocks_restored", "bytes_saved",
                    "bytes_restored", "evictions", "saves_dropped", "restore_wait_seconds", "tails_saved",
-                   "tail_hit_tokens", *(f"lost_{c}_tokens" for c in CAUSES))},
+                   "tail_hit_tokens", *(f"lost_{c}_tokens" for c in _CAUSES_BEFORE))},
     PREFIX + "slots_total": PREFIX + "slots_capacity",
     PREFIX + "hit_rate": PREFIX + "hit_ratio",
 }
@@ -99,7 +105,9 @@ class _Collector:
             self.latest[logger] = (labels, host, high)
 
     def describe(self) -> Iterator[Any]:
-        return iter(())  # names are known only from data; nothing to check at registration
+        # Nothing to check at registration (names come with the data); the
+        # cost: a scrape filtered by name (?name[]=) does not see these.
+        return iter(())
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily

@@ -8,15 +8,24 @@ from typing import Any
 
 from .eligibility import off_reason, turn_off
 from .log import log_once
-from .settings import GIB, host_cache_requested, ram_reserve_bytes, slot_stride
+from .settings import GIB, DefaultRatio, host_cache_requested, ram_budget, ram_reserve_bytes, slot_stride
+
+
+def page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGESIZE")
 
 
 def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on_this_host: int,
-                    available_ram: int) -> int:
+                    available_ram: int, ram_source: str = "MemAvailable") -> int:
     """Slots per rank: host_cache_size GiB, or host_cache_ratio x the rank's
     GPU KV bytes, cut into slots of one block. Every rank gets the same count
-    (the scheduler's index addresses all ranks with one slot id). Refuses a
-    pool that does not fit in RAM minus a reserve."""
+    (the scheduler's index addresses all ranks with one slot id). A pool
+    that does not fit in RAM minus a reserve, for every rank on this host,
+    is refused with the largest value that fits, unless its ratio is the
+    one `--host-cache` chose (settings.DefaultRatio): that shrinks to fit,
+    with one line. `ram_source` names the limit `available_ram` came from."""
     reserve = ram_reserve_bytes()
     strides = [slot_stride(b) for b in block_bytes_per_rank]
     size = getattr(cache_config, "host_cache_size", None)
@@ -31,24 +40,39 @@ def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on
     if slots < 1:
         raise ValueError(f"{setting} gives a host pool smaller than one KV block ({strides[0]} bytes); raise it")
     need = slots * max(strides) * ranks_on_this_host
-    if need + reserve > available_ram:
-        fits = max(0, available_ram - reserve)
-        if setting == "host_cache_size":
-            most = f"host_cache_size / --host-cache-size {fits / ranks_on_this_host / GIB:.2f} or less"
-        else:  # the largest ratio whose pool fits, as the user would type it
-            gpu_bytes = ranks_on_this_host * cache_config.num_gpu_blocks * max(strides)
-            most = f"host_cache_ratio / --host-cache-ratio {int(fits / gpu_bytes * 100) / 100:.2f} or less"
-        raise ValueError(
-            f"{setting} asks for {need / GIB:.2f} GiB of host memory ({ranks_on_this_host} rank(s) x "
-            f"{slots} blocks) but {available_ram / GIB:.2f} GiB is available and {reserve / GIB:.0f} GiB "
-            f"is kept in reserve ({fits / GIB:.2f} GiB usable); set {most}")
-    return slots
+    if need + reserve <= available_ram:
+        return slots
+    fits = max(0, available_ram - reserve)
+    if setting == "host_cache_ratio" and isinstance(ratio, DefaultRatio):
+        # Each rank maps its pool rounded up to whole pages: leave a page each.
+        shrunk = max(0, fits - ranks_on_this_host * page_size()) // (max(strides) * ranks_on_this_host)
+        if shrunk < 1:
+            raise ValueError(
+                f"--host-cache finds no room for one KV block per rank: {available_ram / GIB:.2f} GiB available "
+                f"({ram_source}), {reserve / GIB:g} GiB kept in reserve; free memory, lower "
+                f"HOSTCACHE_RAM_RESERVE_GIB, or start without the host cache")
+        log_once(f"host pool: the default ratio {float(ratio):g} asks for {need / GIB:.2f} GiB but "
+                 f"{fits / GIB:.2f} GiB fits ({available_ram / GIB:.2f} GiB available, limit: {ram_source}; "
+                 f"{reserve / GIB:g} GiB reserve): shrunk to {shrunk} blocks per rank "
+                 f"(ratio {shrunk / max(1, cache_config.num_gpu_blocks):.2f})")
+        return int(shrunk)
+    if setting == "host_cache_size":
+        most = f"host_cache_size / --host-cache-size {fits / ranks_on_this_host / GIB:.2f} or less"
+    else:  # the largest ratio whose pool fits, as the user would type it
+        gpu_bytes = ranks_on_this_host * cache_config.num_gpu_blocks * max(strides)
+        most = f"host_cache_ratio / --host-cache-ratio {int(fits / gpu_bytes * 100) / 100:.2f} or less"
+    raise ValueError(
+        f"{setting} asks for {need / GIB:.2f} GiB of host memory ({ranks_on_this_host} rank(s) x "
+        f"{slots} blocks) but {available_ram / GIB:.2f} GiB is available (limit: {ram_source}) and "
+        f"{reserve / GIB:.0f} GiB is kept in reserve ({fits / GIB:.2f} GiB usable); set {most}")
 
 
 def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cache_config: Any,
-                   memory_model_cache: bool = False, model_paradigm: str = "ar") -> None:
+                   memory_model_cache: bool = False, model_paradigm: str = "ar", engines: int = 1) -> None:
     """In the driver, once num_gpu_blocks is final: decide the tier and the
-    slot count that the scheduler and every rank will use."""
+    slot count that the scheduler and every rank will use. `engines`: the
+    data-parallel engines, each sizing its own pool from the same RAM; all
+    are counted as on this host (conservative when they span machines)."""
     if not host_cache_requested(cache_config):
         return
     reason = off_reason(cache_config)
@@ -63,9 +87,9 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
     if reason is not None:
         turn_off(cache_config, reason)
         return
-    from lmdeploy_hostcache import available_ram_bytes
-
-    slots = host_pool_slots(cache_config, block_bytes_per_rank, len(block_bytes_per_rank), available_ram_bytes())
+    available, source = ram_budget()
+    slots = host_pool_slots(cache_config, block_bytes_per_rank, len(block_bytes_per_rank) * engines, available,
+                            source)
     cache_config.host_cache_slots = slots
     cache_config.host_cache_block_bytes = sum(block_bytes_per_rank)
     cache_config.host_cache_rank_block_bytes = max(block_bytes_per_rank)  # ranks copy their shares in parallel

@@ -7,9 +7,10 @@ its tokens again, decided per admission (scheduler_tier.continue_match).
 - copy bandwidth: one rank's host-to-GPU restore rate, measured when its
   host pool is built (rank_tier.calibrate_restore); bytes are one rank's
   share, since ranks copy in parallel.
-- backlog: what the restore stream still has to copy from earlier plans,
-  modelled as a queue at that bandwidth (`busy_until`): the restore of this
-  admission starts behind it.
+- backlog: what the restore stream still has to copy for earlier
+  admissions, modelled as a queue at that bandwidth (`busy_until`, booked
+  when a restore is chosen, given back when LMDeploy rolls the admission
+  back): the restore of this admission starts behind it.
 - prefill throughput: tokens per second of this engine's own prefill
   forwards, as the ranks time them (rank_tier.WorkerTier), a token-weighted
   moving average. Until MIN_SAMPLES forwards are timed it is
@@ -43,10 +44,22 @@ EWMA_TOKENS = 65536.0
 
 @dataclass
 class DecisionStats:
-    restores_chosen: int = 0        # admissions whose host hit was restored by the estimate
-    recomputes_chosen: int = 0      # admissions whose host hit was recomputed by the estimate (auto) or policy (never)
+    restores_chosen: int = 0        # admissions whose host hit was restored
+    recomputes_chosen: int = 0      # admissions whose host hit was recomputed (auto's estimate, or never)
     recompute_chosen_tokens: int = 0
-    est_saved_seconds: float = 0.0  # over all decisions: |restore - recompute| estimated for the choice made
+    est_saved_seconds: float = 0.0  # what the choices made were estimated to save over the other choice
+    est_lost_seconds: float = 0.0   # what they were estimated to cost (always, or before the figures are measured)
+
+    def add(self, restore: bool, tokens: int, gain: float) -> None:
+        if restore:
+            self.restores_chosen += 1
+        else:
+            self.recomputes_chosen += 1
+            self.recompute_chosen_tokens += tokens
+        if gain >= 0:
+            self.est_saved_seconds += gain
+        else:
+            self.est_lost_seconds -= gain
 
 
 class RestoreDecider:
@@ -64,6 +77,10 @@ class RestoreDecider:
         self._weight = 0.0
         self.busy_until = 0.0
         self.stats = DecisionStats()
+        # seq_id -> (restored?, tokens, estimated gain, seconds of restore
+        # stream booked) of an admission not yet run: an admission LMDeploy
+        # rolls back is asked again, and must count once.
+        self._pending: dict[int, tuple[bool, int, float, float]] = {}
 
     # ----- what the engine measured
 
@@ -108,36 +125,46 @@ class RestoreDecider:
             return float("inf"), recompute
         return self.backlog_s() + blocks * self.block_bytes / self.copy_bytes_per_s, recompute
 
-    def restore_blocks(self, blocks: int, tokens: int) -> int:
-        """How many of a hit's leading `blocks` slots to restore: all or none
-        (module docstring). Counts the decision."""
+    def restore_blocks(self, seq_id: int, blocks: int, tokens: int) -> int:
+        """How many of seq_id's hit's leading `blocks` slots to restore: all
+        or none (module docstring). The decision counts once the sequence
+        runs (commit), or not at all (rollback)."""
+        self.rollback(seq_id)  # a retried admission replaces what it had asked
         if blocks <= 0:
             return 0
-        if self.policy == "never":
-            self._recompute(tokens, 0.0)
-            return 0
         restore, recompute = self.estimate(blocks, tokens)
-        if self.policy == "always" or not self.measured:
-            self.stats.restores_chosen += 1
-            if restore != float("inf"):
-                self.stats.est_saved_seconds += recompute - restore
-            return blocks
-        if restore <= recompute:
-            self.stats.restores_chosen += 1
-            self.stats.est_saved_seconds += recompute - restore
-            return blocks
-        self._recompute(tokens, restore - recompute)
-        return 0
+        if self.policy == "never":
+            chosen = False
+        elif self.policy == "always" or not self.measured:
+            chosen = True
+        else:
+            chosen = restore <= recompute
+        # Only an estimate from measured figures says what a choice gained or
+        # cost (before that, recompute is priced at the placeholder rate).
+        known = restore != float("inf") and self.measured
+        gain = (recompute - restore if chosen else restore - recompute) if known and self.policy != "never" else 0.0
+        booked = 0.0
+        if chosen and self.copy_bytes_per_s is not None:
+            # Booked now, so the next admission of this pass queues behind it.
+            booked = blocks * self.block_bytes / self.copy_bytes_per_s
+            self.busy_until = max(self.busy_until, self.clock()) + booked
+        self._pending[seq_id] = (chosen, tokens, gain, booked)
+        return blocks if chosen else 0
 
-    def _recompute(self, tokens: int, saved: float) -> None:
-        self.stats.recomputes_chosen += 1
-        self.stats.recompute_chosen_tokens += tokens
-        self.stats.est_saved_seconds += saved
+    def commit(self, seq_id: int) -> None:
+        pending = self._pending.pop(seq_id, None)
+        if pending is not None:
+            self.stats.add(pending[0], pending[1], pending[2])
 
-    def planned(self, blocks: int) -> None:
-        """A plan restores `blocks` slots: the stream is busy that much longer."""
-        if blocks and self.copy_bytes_per_s is not None:
-            self.busy_until = max(self.busy_until, self.clock()) + blocks * self.block_bytes / self.copy_bytes_per_s
+    def rollback(self, seq_id: int) -> None:
+        pending = self._pending.pop(seq_id, None)
+        if pending is not None and pending[3]:
+            self.busy_until = max(self.clock(), self.busy_until - pending[3])
+
+    def reset(self) -> None:
+        """The engine slept: nothing is queued, nothing pending."""
+        self._pending.clear()
+        self.busy_until = 0.0
 
     def metrics(self) -> dict:
         s = self.stats
@@ -145,6 +172,7 @@ class RestoreDecider:
             "host_restores_chosen": s.restores_chosen, "host_recomputes_chosen": s.recomputes_chosen,
             "host_recompute_chosen_tokens": s.recompute_chosen_tokens,
             "host_restore_est_saved_seconds": s.est_saved_seconds,
+            "host_restore_est_lost_seconds": s.est_lost_seconds,
             "host_copy_bytes_per_second": self.copy_bytes_per_s or 0.0,
             "host_prefill_tokens_per_second": self.prefill_tok_s if self.samples >= MIN_SAMPLES else 0.0,
         }

@@ -41,11 +41,8 @@ only what has shown it will be reused, each as late as it can:
   - a block the GPU trie served, right after the forward that reused it
     (it is hot: in chat every later turn reuses it again);
   - a block the GPU trie evicts, while this engine's turns are usually
-    continued: the continuation rate (`_Continuations`) counts ended turns
-    (RUNNING to STOPPED) whose history a later prompt continued, found by
-    the chain key of the turn's last full block (or, with sessions kept
-    open, the same sequence coming back). Only ended or released sequences
-    have evictable blocks, so these are blocks of turns that ended.
+    continued (continuations.py). Only ended or released sequences have
+    evictable blocks, so these are blocks of turns that ended.
 A workload whose turns are not continued (one-off requests, no reuse)
 moves only what the GPU trie served twice; chat moves what write_back
 moves, not the blocks the GPU reused before evicting them, nor the last
@@ -65,6 +62,7 @@ import numpy as np
 
 from lmdeploy_hostcache import ROOT_KEY, _core, as_tokens
 
+from .continuations import Continuations
 from .copy_plan import HostCopyPlan
 from .eligibility import off_reason, tier_slots, turn_off
 from .histogram import SIZE_BOUNDS_BYTES, Histogram
@@ -181,7 +179,7 @@ class HostTier:
         # Each rank copies its share of a block in parallel with the others.
         self.decider = RestoreDecider(restore_policy, rank_block_bytes or bytes_per_block, block_size)
         self.restore_size = Histogram(SIZE_BOUNDS_BYTES)
-        self.continuations = _Continuations(self.lost.shadow_keys)  # write_through_selective
+        self.continuations = Continuations(self.lost.shadow_keys)  # write_through_selective
         self._removing: Optional[int] = None  # seq_id whose release saves no tail (removal, rollback)
         self._rolling_back: Optional[int] = None  # seq_id inside LMDeploy's admission rollback
         # Stopped sequences' tails pay only if their session continues, which
@@ -283,6 +281,8 @@ class HostTier:
         cursor = seq.prefix_cache.trie_cursor
         if cursor is None or seq.seq_id in self._restores:
             return
+        if self.write_policy == "write_through_selective":
+            self.continuations.resumed(seq.seq_id)
         if seq.prefix_cache.multimodal_spans:
             log_once("requests with multimodal inputs are served by the GPU prefix cache only (their blocks carry "
                      "content identity the host index does not key on)")
@@ -317,7 +317,7 @@ class HostTier:
         rest = (_core.block_keys(parent, ns, as_tokens(seq.history_cache[after:end]), bs) if end > after
                 else _NO_BLOCKS)
         if self.write_policy == "write_through_selective":
-            self.continuations.admitted(seq.seq_id, cursor_record.key, keys, rest)
+            self.continuations.admitted((cursor_record.key, *keys, *rest))
         self._note_lost(seq, rest, after, end, after + tail_tokens)
         queried += tail_tokens  # 0 without a tail
         self.stats.queried_tokens += queried
@@ -327,11 +327,14 @@ class HostTier:
         if not len(slots):
             return
         hit = after - start + tail_tokens
-        if self.decider.restore_blocks(len(slots), hit) == 0:
+        if self.decider.restore_blocks(seq.seq_id, len(slots), hit) == 0:
             # Recomputing is estimated faster (or the policy says never):
-            # the hit is given back and counted as lost by choice.
+            # the hit is given back and counted as lost by choice (a
+            # preempted sequence's recompute is counted whole when it runs).
             self.index.release(slots)
-            self.lost.note(seq.seq_id, "recomputed_by_choice", hit)
+            released = self._released.get(seq.seq_id)
+            if released is None or not released[1]:
+                self.lost.note(seq.seq_id, "recomputed_by_choice", hit)
             return
         self._restores[seq.seq_id] = _PendingRestore(slots, start // bs, hit, tail_tokens)
         seq.set_step(start + hit)
@@ -436,6 +439,7 @@ class HostTier:
         before its restore was planned: drop the pins."""
         self.stats.queried_tokens -= self._queried.pop(seq.seq_id, 0)  # a retried match counts them again
         self.lost.rollback(seq.seq_id)
+        self.decider.rollback(seq.seq_id)
         pending = self._restores.pop(seq.seq_id, None)
         if pending is not None:
             self.stats.hit_tokens -= pending.hit_tokens
@@ -475,6 +479,7 @@ class HostTier:
                 # Such a cache never preempts: all this admission computes is lost to the preemption.
                 self.lost.note(seq.seq_id, "preempted", seq.num_all_ids - seq.num_history_ids)
             self.lost.commit(seq.seq_id)
+            self.decider.commit(seq.seq_id)
             pending = self._restores.pop(seq.seq_id, None)
             if pending is None:
                 continue
@@ -498,7 +503,6 @@ class HostTier:
             if len(slots):
                 self.restore_size.observe(len(slots) * self.bytes_per_block)
         self.stats.blocks_restored += len(restore)
-        self.decider.planned(len(restore))
         return restore
 
     def _planned_saves(self) -> list[tuple[int, int]]:
@@ -539,6 +543,7 @@ class HostTier:
         self._pre, self._post_nodes, self._restores, self._queried, self._tails = [], [], {}, {}, {}
         self._released = {}
         self.continuations.reset()
+        self.decider.reset()
         self.lost.reset()
         self._evicted = False
         self._in_flight = (_NO_BLOCKS, _NO_BLOCKS)
@@ -595,64 +600,6 @@ class _ReleaseFlag:
             self.tier._released.pop(self.seq_id, None)
             self.tier.continuations.forget(self.seq_id)
             self.tier.lost.rollback(self.seq_id)
-
-
-class _Continuations:
-    """How often this engine's ended turns are continued by a later prompt
-    (write_through_selective; module docstring). A decayed rate, so that a
-    workload that changes is followed; optimistic until WARMUP turns ended,
-    so that the first conversations' first turns are kept."""
-
-    WARMUP = 64
-    THRESHOLD = 0.25  # chat continues most turns; one-off requests none
-    DECAY = 1.0 - 1.0 / 4096
-
-    def __init__(self, cap: int):
-        self.cap = cap
-        self._ends: dict[int, None] = {}  # chain key of an ended turn's last full block, oldest first
-        self._open: set[int] = set()      # seq_ids whose turn ended, the session still open
-        self.turns = 0.0                  # decayed count of ended turns
-        self.continued = 0.0              # decayed count of those continued
-        self.seen = 0
-
-    def ended(self, seq_id: int, last_key: Optional[int]) -> None:
-        self.turns = self.turns * self.DECAY + 1
-        self.continued *= self.DECAY
-        self.seen += 1
-        self._open.add(seq_id)  # dropped when the session ends (forget)
-        if last_key is not None:
-            self._ends.pop(last_key, None)
-            self._ends[last_key] = None
-            if len(self._ends) > self.cap:
-                del self._ends[next(iter(self._ends))]
-
-    def admitted(self, seq_id: int, cursor_key: int, host_keys: np.ndarray, rest: np.ndarray) -> None:
-        """An admission's chain: the GPU match's last key, the host hit's keys, the keys after them."""
-        if seq_id in self._open:  # the next turn of a session kept open
-            self._open.discard(seq_id)
-            self.continued += 1
-            return
-        ends = self._ends
-        if not ends:
-            return
-        for key in (cursor_key, *map(int, host_keys), *map(int, rest)):
-            if key in ends:
-                del ends[key]  # one continuation per ended turn
-                self.continued += 1
-                return
-
-    def forget(self, seq_id: int) -> None:
-        self._open.discard(seq_id)
-
-    def rate(self) -> float:
-        return self.continued / self.turns if self.turns else 0.0
-
-    def likely(self) -> bool:
-        return self.seen < self.WARMUP or self.rate() >= self.THRESHOLD
-
-    def reset(self) -> None:
-        self._ends.clear()
-        self._open.clear()
 
 
 def prepare(cache_config: Any) -> None:

@@ -30,6 +30,15 @@ FIELD_TYPES: dict[str, Any] = {"host_cache_ratio": float, "host_cache_size": flo
                                "host_cache_write_policy": str, "host_cache_restore_policy": str}
 # What `--host-cache` turns on: host pool = 4 x this rank's GPU KV-cache bytes.
 DEFAULT_HOST_CACHE_RATIO = 4.0
+
+
+class DefaultRatio(float):
+    """A ratio `--host-cache` chose, not the user: pool sizing shrinks it to
+    what fits instead of refusing it (pool_sizing.py). Equal to the plain
+    number everywhere else; pickles as itself (the executor's workers)."""
+
+    def __reduce__(self) -> tuple:
+        return DefaultRatio, (float(self),)
 GIB = 1 << 30
 
 RATIO_RANGE = ("a finite number >= 0 (0 = off; host pool bytes per rank = ratio x that rank's "
@@ -96,14 +105,22 @@ def check_ratio(value: object, name: str = "host_cache_ratio") -> float:
     number = _finite_number(value, name, RATIO_RANGE)
     if number < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}; accepted: {RATIO_RANGE}")
-    return number
+    return DefaultRatio(number) if isinstance(value, DefaultRatio) else number
+
+
+def ram_budget() -> tuple[int, str]:
+    """(bytes this process can take, which limit said so): the smaller of
+    MemAvailable and its cgroups' limits less their use (the core's
+    memory_info.h)."""
+    from lmdeploy_hostcache import ram_budget as core_budget  # lazily: loads the compiled core
+
+    available, source = core_budget()
+    return int(available), source
 
 
 def max_host_cache_gib() -> float:
     """Largest host_cache_size accepted now: available RAM minus the reserve, in GiB."""
-    from lmdeploy_hostcache import available_ram_bytes  # lazily: loads the compiled core
-
-    return max(0, int(available_ram_bytes()) - ram_reserve_bytes()) / GIB
+    return max(0, ram_budget()[0] - ram_reserve_bytes()) / GIB
 
 
 def check_size(value: object, name: str = "host_cache_size", *, check_ram: bool = True) -> float | None:
@@ -115,12 +132,13 @@ def check_size(value: object, name: str = "host_cache_size", *, check_ram: bool 
     if number <= 0:
         raise ValueError(f"{name} must be > 0 GiB, got {value!r}; accepted: {SIZE_RANGE}")
     if check_ram:
-        limit = max_host_cache_gib()
+        available, source = ram_budget()
+        limit = max(0, available - ram_reserve_bytes()) / GIB
         if number > limit:
             raise ValueError(
                 f"{name}={number:g} GiB does not fit in host memory: {limit:.2f} GiB available after "
-                f"a {ram_reserve_bytes() / GIB:g} GiB reserve; accepted: None or 0 < {name} <= {limit:.2f} "
-                f"(GiB per rank)")
+                f"a {ram_reserve_bytes() / GIB:g} GiB reserve (limit: {source}); accepted: None or "
+                f"0 < {name} <= {limit:.2f} (GiB per rank)")
     return number
 
 

@@ -56,8 +56,9 @@ def test_replay_counts_tokens_by_tier(tmp_path, scenario):
     assert (tmp_path / "ttft_cdf.png").exists() or "matplotlib" not in sys.modules
 
 
-@pytest.mark.parametrize("extra", [[], ["--host-gib", "0.05"], ["--write-policy", "write_through_selective"]],
-                         ids=["default", "small-host-pool", "selective"])
+@pytest.mark.parametrize("extra", [[], ["--host-gib", "0.05"], ["--write-policy", "write_through_selective"],
+                                   ["--copy-gbps", "0.5"]],
+                         ids=["default", "small-host-pool", "selective", "slow-copy-recomputes"])
 def test_lost_hits_add_up_to_the_gap_to_the_ideal(tmp_path, extra):
     """Every prompt token the tier recomputes that the never-evicting run did
     not is counted under one cause (lmdeploy_patch/lost_hits.py), exactly."""
@@ -70,6 +71,10 @@ def test_lost_hits_add_up_to_the_gap_to_the_ideal(tmp_path, extra):
     assert sum(lost.values()) == gap, (lost, gap)
     if extra and extra[0] == "--host-gib":
         assert lost["evicted_from_host"] > 0, lost
+    elif extra and extra[0] == "--copy-gbps":
+        # A copy slower than the prefill: host hits are recomputed by choice
+        # (restore_decision.py), counted once each, preempted ones included.
+        assert lost["recomputed_by_choice"] > 0 and data["on"]["tokens_host_hit"] == 0, lost
     else:
         # A host pool that holds the working set serves every reusable block,
         # with the selective policy too (chat continues its turns): what is

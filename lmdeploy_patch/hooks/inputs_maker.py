@@ -20,10 +20,10 @@ def _build_payload(original: Callable, self: Any) -> Any:
         from ..copy_plan import HostCacheInputs
         from ..rank_tier import local_restore_bandwidth, take_local_prefill_samples
 
-        decider = tier.decider
+        decider, config_id = tier.decider, id(self.scheduler.cache_config)
         if decider.copy_bytes_per_s is None:
-            decider.set_copy_bandwidth(local_restore_bandwidth())
-        for tokens, seconds in take_local_prefill_samples():
+            decider.set_copy_bandwidth(local_restore_bandwidth(config_id))
+        for tokens, seconds in take_local_prefill_samples(config_id):
             decider.observe_prefill(tokens, seconds)
         plan = tier.take_plan(payload["running"])
         payload["cache_inputs"] = HostCacheInputs.wrap(payload.get("cache_inputs"), plan)

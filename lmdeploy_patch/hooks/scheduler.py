@@ -31,7 +31,7 @@ def schedule_metrics(original: Callable, self: Any) -> Any:
     if tier is not None:
         from ..rank_tier import local_figures
 
-        metrics.host_cache = {**tier.metrics(), **local_figures()}
+        metrics.host_cache = {**tier.metrics(), **local_figures(id(self.cache_config))}
     return metrics
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import _core
-from ._core import available_ram_bytes, slot_stride, total_ram_bytes
+from ._core import available_ram_bytes, ram_budget, slot_stride, total_ram_bytes
 from .config import GiB, MiB, HostCacheConfig
 from .binding import as_tokens
 from .host_cache import ROOT_KEY, HostCache, Match, OffloadResult, Transfer
@@ -23,6 +23,6 @@ def build_info() -> dict:
 
 __all__ = [
     "GiB", "MiB", "HostCacheConfig", "SlotStore", "StoreTransfer", "HostCache", "Match", "OffloadResult", "Transfer", "Region", "ROOT_KEY",
-    "regions_from_tensor", "regions_from_tensors", "as_tokens", "build_info", "available_ram_bytes",
+    "regions_from_tensor", "regions_from_tensors", "as_tokens", "build_info", "available_ram_bytes", "ram_budget",
     "total_ram_bytes", "slot_stride",
 ]

@@ -412,7 +412,17 @@ PYBIND11_MODULE(_core, m) {
   m.attr("ROOT_KEY") = kRootKey;
   m.def("slot_stride", &slot_stride_for, py::arg("block_bytes"),
         "Bytes one host slot of a block of `block_bytes` takes (the arena's alignment).");
-  m.def("available_ram_bytes", &available_ram_bytes, "MemAvailable: what the pool is checked against.");
+  m.def("available_ram_bytes", &available_ram_bytes,
+        "What the pool is checked against: the smaller of MemAvailable and this process's cgroup limits "
+        "less their use (ram_budget).");
+  m.def(
+      "ram_budget",
+      [](const std::string& proc_root, const std::string& cgroup_root) {
+        const RamBudget b = ram_budget(proc_root, cgroup_root);
+        return py::make_tuple(b.bytes, b.source);
+      },
+      py::arg("proc_root") = "/proc", py::arg("cgroup_root") = "/sys/fs/cgroup",
+      "(bytes, which limit applied): RAM this process can take (memory_info.h).");
   m.def("total_ram_bytes", &total_ram_bytes);
   m.def(
       "chain_key",

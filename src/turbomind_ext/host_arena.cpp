@@ -30,10 +30,12 @@ HostArena::HostArena(const ArenaOptions& o, std::unique_ptr<Pinner> pinner)
 
   const uint64_t page = page_size_bytes();
   mapped_bytes_ = round_up(static_cast<uint64_t>(num_slots_) * slot_stride_, page);
-  const uint64_t avail = available_ram_bytes();
+  const RamBudget budget = ram_budget();
+  const uint64_t avail = budget.bytes;
   if (mapped_bytes_ + o.reserve_bytes > avail) {
     throw ConfigError(concat("host pool of ", format_bytes(mapped_bytes_), " does not fit: ",
-                             format_bytes(avail), " of RAM is available and ", format_bytes(o.reserve_bytes),
+                             format_bytes(avail), " of RAM is available (", budget.source, ") and ",
+                             format_bytes(o.reserve_bytes),
                              " is kept in reserve, leaving ",
                              format_bytes(avail > o.reserve_bytes ? avail - o.reserve_bytes : 0),
                              "; lower ", o.capacity_setting, " (or the reserve)"));

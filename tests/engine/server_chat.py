@@ -12,9 +12,12 @@ stay inside.
 
 Several conversations, turn by turn with the conversations interleaved, one
 streaming request at a time (so both servers see the same schedule), greedy;
-each reply is resent in the next turn as the assistant message. Then the
-`on` server's /metrics, read until LMDeploy's periodic statistics update
-has caught up with the last request.
+each reply is resent in the next turn as the assistant message. Then
+--clients more conversations: on `ref` one request at a time (their greedy
+reference), on `on` all at once, one thread per client, each streaming its
+turns as fast as the server answers. Then the `on` server's /metrics, read
+until LMDeploy's periodic statistics update has caught up with the last
+request.
 """
 from __future__ import annotations
 
@@ -83,33 +86,69 @@ def text(n: int, seed: int) -> str:
     return " ".join(w[i] for i in rng.integers(0, len(w), n))
 
 
-def converse(base: str, conversations: int, turns: int, max_tokens: int) -> list[dict]:
-    """Interleaved conversations, streamed; one record per request."""
+def ask(client, messages: list, max_tokens: int) -> dict:
+    """One streamed greedy request: its reply and usage."""
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=max_tokens,
+                                            temperature=0.0, stream=True, stream_options={"include_usage": True})
+    reply, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            reply += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    details = getattr(usage, "prompt_tokens_details", None)
+    return {"reply": reply, "finish_reason": finish, "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": int(getattr(details, "cached_tokens", 0) or 0)}
+
+
+def client_for(base: str):
     from openai import OpenAI
 
-    client = OpenAI(api_key="none", base_url=base + "/v1", timeout=300, max_retries=0)
+    return OpenAI(api_key="none", base_url=base + "/v1", timeout=300, max_retries=0)
+
+
+def converse(base: str, conversations: int, turns: int, max_tokens: int) -> list[dict]:
+    """Interleaved conversations, streamed; one record per request."""
+    client = client_for(base)
     system = {"role": "system", "content": text(100, 1)}
     history = [[system] for _ in range(conversations)]
     out = []
     for t in range(turns):
         for c in range(conversations):
             history[c].append({"role": "user", "content": text(250, 100 * c + t)})
-            stream = client.chat.completions.create(model="tiny", messages=history[c], max_completion_tokens=max_tokens,
-                                                    temperature=0.0, stream=True,
-                                                    stream_options={"include_usage": True})
-            reply, usage, finish = "", None, None
-            for chunk in stream:
-                if chunk.choices:
-                    reply += chunk.choices[0].delta.content or ""
-                    finish = chunk.choices[0].finish_reason or finish
-                if chunk.usage is not None:
-                    usage = chunk.usage
-            details = getattr(usage, "prompt_tokens_details", None)
-            out.append({"conversation": c, "turn": t, "reply": reply, "finish_reason": finish,
-                        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                        "cached_tokens": int(getattr(details, "cached_tokens", 0) or 0)})
-            history[c].append({"role": "assistant", "content": reply})
+            out.append({"conversation": c, "turn": t, **ask(client, history[c], max_tokens)})
+            history[c].append({"role": "assistant", "content": out[-1]["reply"]})
     return out
+
+
+def one_client(base: str, c: int, turns: int, max_tokens: int) -> list[dict]:
+    """Conversation c of the concurrent phase, its turns one after another;
+    a failed request is a record with its error, not an exception."""
+    client = client_for(base)
+    history = [{"role": "system", "content": text(100, 1)}]
+    out = []
+    for t in range(turns):
+        history.append({"role": "user", "content": text(60, 7000 + 100 * c + t)})
+        try:
+            out.append({"conversation": c, "turn": t, **ask(client, history, max_tokens)})
+        except Exception as e:  # noqa: BLE001 - the test asserts there is none
+            out.append({"conversation": c, "turn": t, "error": f"{type(e).__name__}: {e}"})
+            return out
+        history.append({"role": "assistant", "content": out[-1]["reply"]})
+    return out
+
+
+def clients(base: str, n: int, turns: int, max_tokens: int, concurrent: bool) -> list[dict]:
+    """n conversations, all at once (one thread each) or one after another."""
+    if not concurrent:
+        return [r for c in range(n) for r in one_client(base, c, turns, max_tokens)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(one_client, base, c, turns, max_tokens) for c in range(n)]
+        return [r for f in futures for r in f.result()]
 
 
 def metric_values(base: str) -> dict[str, float]:
@@ -140,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=6)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (0: none)")
+    p.add_argument("--client-turns", type=int, default=3)
     a = p.parse_args(argv)
     logs = Path(a.out).parent
     servers = {"ref": ["--num-gpu-blocks", "512"], "on": ["--host-cache", "--num-gpu-blocks", "24"]}
@@ -151,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(proc, base, logs / f"server-{k}.log")
         for k, (_, base) in procs.items():
             result[k] = converse(base, a.conversations, a.turns, a.max_tokens)
-        result["metrics"] = settled_metrics(procs["on"][1], sum(r["prompt_tokens"] for r in result["on"]))
+        if a.clients:
+            for k, (_, base) in procs.items():
+                result[f"{k}_clients"] = clients(base, a.clients, a.client_turns, a.max_tokens, concurrent=k == "on")
+        prompt = sum(r.get("prompt_tokens", 0) for r in result["on"] + result.get("on_clients", []))
+        result["metrics"] = settled_metrics(procs["on"][1], prompt)
         result["metrics_ref"] = metric_values(procs["ref"][1])
     finally:
         for proc, _ in procs.values():

@@ -182,6 +182,9 @@ def test_api_server_builds_pytorch_config_with_values(cli_parser, tmp_path, capt
     config = kwargs["backend_config"]
     assert kwargs["backend"] == "pytorch" and type(config) is PytorchEngineConfig
     assert config.host_cache_ratio == DEFAULT_HOST_CACHE_RATIO
+    from lmdeploy_patch.settings import DefaultRatio
+
+    assert isinstance(config.host_cache_ratio, DefaultRatio)  # --host-cache's ratio: shrinks to fit
     assert config.host_cache_write_policy == "write_through_selective"
     assert config.host_cache_restore_policy == "never"
     assert config.host_cache_size is None and config.quant_policy == QuantPolicy.INT4

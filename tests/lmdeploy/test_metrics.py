@@ -85,6 +85,7 @@ def test_prometheus_types_and_names():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
     for old, new in RENAMED.items():
         assert f"`{old}` → `{new}`" in readme, (old, new)
+    assert readme.count("` → `lmdeploy:host_cache_") == len(RENAMED), "the changelog lists a rename RENAMED lacks"
     for name in [*COUNTERS, *GAUGES, *HISTOGRAMS]:
         shown = "lmdeploy:host_cache_" + name + ("_total" if name in COUNTERS else "")
         assert f"`{shown}`" in readme, f"{shown} is not documented in the README"

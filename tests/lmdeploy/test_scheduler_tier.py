@@ -357,13 +357,13 @@ def test_selective_saves_evictions_only_while_turns_are_continued():
     """write_through_selective (scheduler_tier module docstring): one-off
     requests stop moving bytes once the warm-up is over; when conversations
     continue, evicted blocks are saved again and come back from host."""
-    from lmdeploy_patch.scheduler_tier import _Continuations
+    from lmdeploy_patch import continuations
 
     eng = SimEngine(num_gpu_blocks=24, host_slots=256, policy="write_through_selective")
     eng.tier.save_stopped_tails = False  # sessions end with each request here
     rng = np.random.default_rng(5)
     sid = 0
-    for _ in range(_Continuations.WARMUP):
+    for _ in range(continuations.WARMUP):
         _stateless_turn(eng, sid, rng.integers(1000, 30000, size=40))
         sid += 1
     saved = eng.tier.stats.blocks_saved
@@ -384,3 +384,23 @@ def test_selective_saves_evictions_only_while_turns_are_continued():
     assert eng.tier.stats.blocks_saved > saved and eng.tier.stats.hit_tokens > 0
     eng.end_all()
     assert_balanced(eng)
+
+
+def test_open_sessions_count_as_continued():
+    """A session kept open ends its turns mid-block; its next turn is a
+    continuation all the same (continuations.py), so the selective policy
+    keeps saving what the GPU evicts after the warm-up."""
+    from lmdeploy_patch import continuations
+
+    eng = SimEngine(num_gpu_blocks=24, host_slots=256, policy="write_through_selective")
+    rng = np.random.default_rng(9)
+    rounds = continuations.WARMUP // 2 + 4
+    for _ in range(rounds):
+        for sid in range(2):
+            eng.turn(sid, rng.integers(1000, 30000, size=int(rng.integers(2, 6))), decode_steps=1)
+    c = eng.tier.continuations
+    assert c.seen == 2 * rounds and c.seen > continuations.WARMUP
+    assert c.rate() > 0.8 and c.likely(), c.rate()  # all but each session's first turn
+    eng.end_all()
+    assert_balanced(eng)
+

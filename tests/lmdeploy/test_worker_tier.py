@@ -3,6 +3,7 @@ copy plan riding on the forward payload, and the model agent's real hook
 functions executing it."""
 from __future__ import annotations
 
+import os
 import pickle
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from lmdeploy.pytorch.engine.model_agent import agent  # noqa: E402
 from lmdeploy_patch import rank_tier  # noqa: E402
 from lmdeploy_patch.copy_plan import HostCacheInputs, HostCopyPlan  # noqa: E402
 from lmdeploy_patch.pool_sizing import host_pool_slots  # noqa: E402
+from lmdeploy_patch.settings import slot_stride  # noqa: E402
 from lmdeploy_patch.rank_tier import WorkerTier, build_worker_tier, pool_regions  # noqa: E402
 
 GiB = 1 << 30
@@ -126,6 +128,34 @@ def test_host_pool_sizing_by_ratio_size_and_ram():
     with pytest.raises(ValueError, match="smaller than one KV block"):
         host_pool_slots(SimpleNamespace(host_cache_ratio=0.001, host_cache_size=None, num_gpu_blocks=10),
                         [1 << 20], 1, available_ram=12 * GiB)
+
+
+def test_the_default_ratio_shrinks_to_fit_and_an_explicit_one_is_refused(hostcache_log):
+    """`--host-cache` picks the ratio (settings.DefaultRatio): a pool that does
+    not fit shrinks, with one line naming the limit; the same ratio given by
+    the user is refused with the largest one that fits, naming the limit too."""
+    import pickle
+
+    from lmdeploy_patch.settings import DefaultRatio, check_ratio
+
+    default = check_ratio(DefaultRatio(4.0))
+    assert isinstance(default, DefaultRatio) and default == 4.0
+    assert isinstance(pickle.loads(pickle.dumps(default)), DefaultRatio)  # the executor's workers
+    limit = "the cgroup v2 limit of /sys/fs/cgroup/x"
+    # 4 x 1024 one-MiB blocks x 2 ranks = 8 GiB; 6 GiB available, 2 GiB reserve: 2 GiB per rank fits
+    cc = SimpleNamespace(host_cache_ratio=default, host_cache_size=None, num_gpu_blocks=1024)
+    slots = host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=6 * GiB, ram_source=limit)
+    page = os.sysconf("SC_PAGESIZE")
+    assert slots == (4 * GiB - 2 * page) // (2 * slot_stride(1 << 20))  # less a page per rank
+    said = [line for line in hostcache_log() if "shrunk" in line]
+    assert len(said) == 1 and limit in said[0] and "default ratio 4" in said[0], hostcache_log()
+    cc.host_cache_ratio = 4.0  # the user's
+    with pytest.raises(ValueError, match=r"limit: the cgroup v2 limit of /sys/fs/cgroup/x.*host-cache-ratio "
+                                         r"2.00 or less"):
+        host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=6 * GiB, ram_source=limit)
+    cc.host_cache_ratio = default
+    with pytest.raises(ValueError, match="no room for one KV block"):
+        host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=2 * GiB, ram_source=limit)
 
 
 def test_ram_reserve_can_be_set_and_bad_values_are_named(monkeypatch):
