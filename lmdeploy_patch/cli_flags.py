@@ -123,6 +123,18 @@ def _switch_action() -> type:
     return HostCacheSwitch
 
 
+def _reserve_gib_for_help() -> float:
+    """The reserve the help text shows. A bad HOSTCACHE_RAM_RESERVE_GIB is
+    refused when an engine sizes its pool, not while every lmdeploy command
+    builds its parsers."""
+    try:
+        return ram_reserve_bytes() / GIB
+    except ValueError:
+        from lmdeploy_hostcache.config import DEFAULT_RESERVE_BYTES
+
+        return DEFAULT_RESERVE_BYTES / GIB
+
+
 def add_host_cache_arguments(container: Any) -> None:
     """Adds the host-cache flags to a parser or argument group (once)."""
     import argparse
@@ -136,7 +148,7 @@ def add_host_cache_arguments(container: Any) -> None:
                            type=_number_type(check_ratio, "--host-cache-ratio"), help=HELP["--host-cache-ratio"])
     container.add_argument("--host-cache-size", dest="host_cache_size", metavar="GIB", default=hidden,
                            type=_number_type(check_size, "--host-cache-size"),
-                           help=HELP["--host-cache-size"].format(reserve=ram_reserve_bytes() / GIB))
+                           help=HELP["--host-cache-size"].format(reserve=_reserve_gib_for_help()))
     container.add_argument("--host-cache-write-policy", dest="host_cache_write_policy", choices=WRITE_POLICIES,
                            default=hidden, help=HELP["--host-cache-write-policy"])
     container.add_argument("--host-cache-restore-policy", dest="host_cache_restore_policy",

@@ -39,13 +39,14 @@ def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on
     slots = min(p // s for p, s in zip(per_rank, strides))
     if slots < 1:
         raise ValueError(f"{setting} gives a host pool smaller than one KV block ({strides[0]} bytes); raise it")
+    # Each rank maps its pool rounded up to whole pages: a page each of slack.
+    slack = ranks_on_this_host * page_size()
     need = slots * max(strides) * ranks_on_this_host
-    if need + reserve <= available_ram:
+    if need + slack + reserve <= available_ram:
         return slots
-    fits = max(0, available_ram - reserve)
+    fits = max(0, available_ram - reserve - slack)
     if setting == "host_cache_ratio" and isinstance(ratio, DefaultRatio):
-        # Each rank maps its pool rounded up to whole pages: leave a page each.
-        shrunk = max(0, fits - ranks_on_this_host * page_size()) // (max(strides) * ranks_on_this_host)
+        shrunk = fits // (max(strides) * ranks_on_this_host)
         if shrunk < 1:
             raise ValueError(
                 f"--host-cache finds no room for one KV block per rank: {available_ram / GIB:.2f} GiB available "

@@ -89,3 +89,24 @@ def test_mounts_come_from_mountinfo(tmp_path):
         f"30 25 0:26 /docker/abc {mount} rw,nosuid shared:9 - cgroup cgroup rw,cpu,memory\n")
     n, source = ram_budget(proc, cg)
     assert n == 2 * GiB and str(mount) in source, source
+
+
+def test_escaped_mount_points_and_the_closest_root(tmp_path):
+    """mountinfo escapes a space as \\040; of two mounts of the hierarchy the
+    one whose root shows the process's cgroup most closely is read; a cgroup
+    no mount shows is not read at all."""
+    real = tmp_path / "my cg"
+    other = tmp_path / "other"
+    for d, limit in ((real / "app", 4), (other, 1)):
+        d.mkdir(parents=True)
+        (d / "memory.max").write_text(f"{limit * GiB}\n")
+        (d / "memory.current").write_text("0\n")
+    proc, cg = tree(tmp_path, 64, "0::/app\n", {})
+    mounts = (f"40 1 0:30 /elsewhere {other} rw - cgroup2 cgroup2 rw\n"
+              f"41 1 0:30 / {str(real).replace(' ', chr(92) + '040')} rw - cgroup2 cgroup2 rw\n")
+    (tmp_path / "proc" / "self" / "mountinfo").write_text(mounts)
+    n, source = ram_budget(proc, cg)
+    assert n == 4 * GiB and "my cg" in source, source
+    (tmp_path / "proc" / "self" / "cgroup").write_text("0::/sibling/x\n")  # shown by no mount but "/"
+    (tmp_path / "proc" / "self" / "mountinfo").write_text(f"40 1 0:30 /elsewhere {other} rw - cgroup2 cgroup2 rw\n")
+    assert ram_budget(proc, cg) == (64 * GiB, f"MemAvailable in {proc}/meminfo")

@@ -79,10 +79,25 @@ struct Mount {
   std::string point, root;
 };
 
-// The cgroup2 mount and the v1 memory controller's, from mountinfo
-// ("id parent major:minor root point options [tags] - type source super-options").
-std::pair<std::optional<Mount>, std::optional<Mount>> cgroup_mounts(const std::string& proc_root) {
-  std::optional<Mount> v2, v1;
+// mountinfo writes a space, tab, newline or backslash in a path as \ooo.
+std::string unescape(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\\' && i + 3 < s.size() && s[i + 1] >= '0' && s[i + 1] <= '3' &&
+        s[i + 2] >= '0' && s[i + 2] <= '7' && s[i + 3] >= '0' && s[i + 3] <= '7') {
+      out += static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0'));
+      i += 3;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
+// Every cgroup2 mount and every mount of the v1 memory controller, from
+// mountinfo ("id parent major:minor root point options [tags] - type source super-options").
+std::pair<std::vector<Mount>, std::vector<Mount>> cgroup_mounts(const std::string& proc_root) {
+  std::vector<Mount> v2, v1;
   const auto text = read_text(proc_root + "/self/mountinfo");
   if (!text) return {v2, v1};
   std::istringstream in(*text);
@@ -93,25 +108,34 @@ std::pair<std::optional<Mount>, std::optional<Mount>> cgroup_mounts(const std::s
     for (std::string x; f >> x;) w.push_back(x);
     size_t dash = 0;
     while (dash < w.size() && w[dash] != "-") ++dash;
-    if (w.size() < 5 || dash + 3 > w.size()) continue;
+    if (w.size() < 5 || dash + 2 > w.size()) continue;
     const std::string& type = w[dash + 1];
-    const Mount m{w[4], w[3]};
-    if (type == "cgroup2" && !v2) v2 = m;
-    if (type == "cgroup" && !v1) {
+    const Mount m{unescape(w[4]), unescape(w[3])};
+    if (type == "cgroup2") v2.push_back(m);
+    if (type == "cgroup" && dash + 3 < w.size()) {
       std::istringstream opts(w[dash + 3]);
       for (std::string o; std::getline(opts, o, ',');)
-        if (o == "memory") v1 = m;
+        if (o == "memory") v1.push_back(m);
     }
   }
   return {v2, v1};
 }
 
-// A cgroup path as seen under a mount of `root`.
-std::string under(const std::string& path, const std::string& root) {
-  if (root == "/" || root.empty()) return path;
-  if (path.compare(0, root.size(), root) == 0 && (path.size() == root.size() || path[root.size()] == '/'))
-    return path.substr(root.size());
-  return "";  // outside what the mount shows: its top is all there is to read
+bool shows(const std::string& root, const std::string& path) {
+  if (root == "/" || root.empty()) return true;
+  return path.compare(0, root.size(), root) == 0 && (path.size() == root.size() || path[root.size()] == '/');
+}
+
+// The directory of cgroup `path` under the mount whose root shows it most
+// closely (the longest root that prefixes it), or nothing: a process whose
+// cgroup no mount shows has no files of it to read.
+std::optional<std::pair<std::string, std::string>> locate(const std::vector<Mount>& mounts, const std::string& path) {
+  const Mount* best = nullptr;
+  for (const auto& m : mounts)
+    if (shows(m.root, path) && (!best || m.root.size() > best->root.size())) best = &m;
+  if (!best) return std::nullopt;
+  const std::string rel = (best->root == "/" || best->root.empty()) ? path : path.substr(best->root.size());
+  return std::make_pair(best->point, rel);
 }
 
 // dir, then each parent down to (and including) root.
@@ -154,15 +178,20 @@ RamBudget ram_budget(const std::string& proc_root, const std::string& cgroup_roo
     best.source = "free physical pages (no /proc/meminfo)";
   }
   const auto [v2, v1] = own_cgroups(proc_root);
-  // Mounts from mountinfo; without one, the usual places under cgroup_root.
-  const auto [m2, m1] = cgroup_mounts(proc_root);
-  const Mount at2 = m2.value_or(Mount{cgroup_root, "/"}), at1 = m1.value_or(Mount{cgroup_root + "/memory", "/"});
+  // Mounts from mountinfo; without any, the usual places under cgroup_root.
+  auto [m2, m1] = cgroup_mounts(proc_root);
+  if (m2.empty() && m1.empty()) {
+    m2.push_back(Mount{cgroup_root, "/"});
+    m1.push_back(Mount{cgroup_root + "/memory", "/"});
+  }
   if (!v2.empty())
-    for (const auto& dir : up_to(at2.point, under(v2, at2.root)))
-      consider(best, dir, "v2", "memory.max", "memory.current", "inactive_file");
+    if (const auto at = locate(m2, v2))
+      for (const auto& dir : up_to(at->first, at->second))
+        consider(best, dir, "v2", "memory.max", "memory.current", "inactive_file");
   if (!v1.empty())
-    for (const auto& dir : up_to(at1.point, under(v1, at1.root)))
-      consider(best, dir, "v1", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file");
+    if (const auto at = locate(m1, v1))
+      for (const auto& dir : up_to(at->first, at->second))
+        consider(best, dir, "v1", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file");
   return best;
 }
 

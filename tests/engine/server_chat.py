@@ -131,11 +131,13 @@ def one_client(base: str, c: int, turns: int, max_tokens: int) -> list[dict]:
     out = []
     for t in range(turns):
         history.append({"role": "user", "content": text(60, 7000 + 100 * c + t)})
+        t0 = time.monotonic()
         try:
             out.append({"conversation": c, "turn": t, **ask(client, history, max_tokens)})
         except Exception as e:  # noqa: BLE001 - the test asserts there is none
             out.append({"conversation": c, "turn": t, "error": f"{type(e).__name__}: {e}"})
             return out
+        out[-1].update(start=t0, end=time.monotonic())
         history.append({"role": "assistant", "content": out[-1]["reply"]})
     return out
 
@@ -160,7 +162,8 @@ def metric_values(base: str) -> dict[str, float]:
 
 def settled_metrics(base: str, prompt_tokens: int) -> dict[str, float]:
     """/metrics once it counts every request's prompt tokens and two reads a
-    statistics update apart agree; an error if that does not happen in time."""
+    statistics update apart agree; an error if that does not happen in time
+    (main records it: a failed request's tokens may count on the server)."""
     deadline = time.monotonic() + METRICS_TIMEOUT
     last: dict = {}
     while time.monotonic() < deadline:
@@ -192,11 +195,18 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(proc, base, logs / f"server-{k}.log")
         for k, (_, base) in procs.items():
             result[k] = converse(base, a.conversations, a.turns, a.max_tokens)
-        if a.clients:
-            for k, (_, base) in procs.items():
-                result[f"{k}_clients"] = clients(base, a.clients, a.client_turns, a.max_tokens, concurrent=k == "on")
-        prompt = sum(r.get("prompt_tokens", 0) for r in result["on"] + result.get("on_clients", []))
-        result["metrics"] = settled_metrics(procs["on"][1], prompt)
+        on_base = procs["on"][1]
+        try:
+            if a.clients:
+                # the figures before the concurrent phase: what it adds is its own
+                result["metrics_sequential"] = settled_metrics(on_base, sum(r["prompt_tokens"] for r in result["on"]))
+                for k, (_, base) in procs.items():
+                    result[f"{k}_clients"] = clients(base, a.clients, a.client_turns, a.max_tokens,
+                                                     concurrent=k == "on")
+            prompt = sum(r.get("prompt_tokens", 0) for r in result["on"] + result.get("on_clients", []))
+            result["metrics"] = settled_metrics(on_base, prompt)
+        except RuntimeError as e:  # the tests report it with what was answered
+            result["metrics_error"] = str(e)
         result["metrics_ref"] = metric_values(procs["ref"][1])
     finally:
         for proc, _ in procs.values():

@@ -122,7 +122,7 @@ def test_host_pool_sizing_by_ratio_size_and_ram():
                         [1 << 20, 1 << 20], 2, available_ram=12 * GiB)
     # ratio 6 of 1024 one-MiB blocks on each of two ranks: 12 GiB asked, 5 GiB per rank fits: ratio 5
     with pytest.raises(ValueError, match=r"host_cache_ratio asks for 12.00 GiB .* set host_cache_ratio "
-                                         r"/ --host-cache-ratio 5.00 or less"):
+                                         r"/ --host-cache-ratio 4.99 or less"):
         host_pool_slots(SimpleNamespace(host_cache_ratio=6.0, host_cache_size=None, num_gpu_blocks=1024),
                         [1 << 20, 1 << 20], 2, available_ram=12 * GiB)
     with pytest.raises(ValueError, match="smaller than one KV block"):
@@ -151,7 +151,7 @@ def test_the_default_ratio_shrinks_to_fit_and_an_explicit_one_is_refused(hostcac
     assert len(said) == 1 and limit in said[0] and "default ratio 4" in said[0], hostcache_log()
     cc.host_cache_ratio = 4.0  # the user's
     with pytest.raises(ValueError, match=r"limit: the cgroup v2 limit of /sys/fs/cgroup/x.*host-cache-ratio "
-                                         r"2.00 or less"):
+                                         r"1.99 or less"):  # a page per rank of slack
         host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=6 * GiB, ram_source=limit)
     cc.host_cache_ratio = default
     with pytest.raises(ValueError, match="no room for one KV block"):
@@ -161,7 +161,10 @@ def test_the_default_ratio_shrinks_to_fit_and_an_explicit_one_is_refused(hostcac
 def test_ram_reserve_can_be_set_and_bad_values_are_named(monkeypatch):
     cc = SimpleNamespace(host_cache_ratio=0, host_cache_size=8.0, num_gpu_blocks=10)
     monkeypatch.setenv("HOSTCACHE_RAM_RESERVE_GIB", "0")  # 16 GiB asked, 16 GiB available, nothing kept back
-    assert host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=16 * GiB) == 8192
+    page = os.sysconf("SC_PAGESIZE")  # but a page per rank: each maps its pool in whole pages
+    assert host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=16 * GiB + 2 * page) == 8192
+    with pytest.raises(ValueError, match="does not fit|asks for"):
+        host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=16 * GiB)
     monkeypatch.setenv("HOSTCACHE_RAM_RESERVE_GIB", "1")
     with pytest.raises(ValueError, match=r"1 GiB is kept in reserve"):
         host_pool_slots(cc, [1 << 20, 1 << 20], 2, available_ram=16 * GiB)
