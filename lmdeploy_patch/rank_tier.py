@@ -50,6 +50,16 @@ from .settings import slot_stride
 CALIBRATION_BYTES = 64 << 20
 CALIBRATION_RUNS = 3
 
+def _split(items: list, finished: Any) -> tuple[list, list]:
+    """(those finished, those still pending) of `items`, each in order: the
+    copies and CUDA events a rank looks at lazily, never waiting on them."""
+    done: list = []
+    pending: list = []
+    for item in items:
+        (done if finished(item) else pending).append(item)
+    return done, pending
+
+
 def pool_regions(allocation: Any, blocks_per_logical: int) -> tuple[list[Region], int]:
     """One region per layer of every pool of a CacheAllocation.
 
@@ -186,14 +196,11 @@ class WorkerTier:
         when the forward waits for it."""
         if not self._restores_unseen:
             return
-        now, unseen = time.monotonic(), []
-        for created, transfer in self._restores_unseen:
-            if transfer.done():
-                if created > 0:
-                    self.restore_latency.observe(max(0.0, now - created))
-            else:
-                unseen.append((created, transfer))
-        self._restores_unseen = unseen
+        now = time.monotonic()
+        done, self._restores_unseen = _split(self._restores_unseen, lambda r: r[1].done())
+        for created, _ in done:
+            if created > 0:
+                self.restore_latency.observe(max(0.0, now - created))
 
     # ----- prefill timing (restore_decision.py learns the prefill rate from it)
 
@@ -227,12 +234,9 @@ class WorkerTier:
         self._resolve_forwards()
 
     def _resolve_forwards(self) -> None:
-        pending = []
-        for tokens, start, end in self._forwards:
-            if end.query():
-                self._sample(tokens, start.elapsed_time(end) / 1e3)
-            else:
-                pending.append((tokens, start, end))
+        done, pending = _split(self._forwards, lambda f: f[2].query())
+        for tokens, start, end in done:
+            self._sample(tokens, start.elapsed_time(end) / 1e3)
         self._forwards = pending[-64:]  # a bound; nobody waits on these
 
     def _sample(self, tokens: int, seconds: float) -> None:
@@ -287,13 +291,8 @@ class WorkerTier:
 
     def wait_seconds(self) -> float:
         """Time forwards spent waiting for host copies: what the tier cost them."""
-        pending = []
-        for start, end in self._wait_events:
-            if end.query():
-                self._waited += start.elapsed_time(end) / 1e3
-            else:
-                pending.append((start, end))
-        self._wait_events = pending
+        done, self._wait_events = _split(self._wait_events, lambda e: e[1].query())
+        self._waited += sum(start.elapsed_time(end) for start, end in done) / 1e3
         return self._waited
 
     def after_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:

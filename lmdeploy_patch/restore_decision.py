@@ -109,8 +109,13 @@ class RestoreDecider:
         self.samples, self._weight, self.clock = MIN_SAMPLES, EWMA_TOKENS, clock
 
     @property
+    def learned(self) -> bool:
+        """Enough prefills timed for the learned rate to stand."""
+        return self.samples >= MIN_SAMPLES
+
+    @property
     def measured(self) -> bool:
-        return self.copy_bytes_per_s is not None and self.samples >= MIN_SAMPLES
+        return self.copy_bytes_per_s is not None and self.learned
 
     # ----- the decision
 
@@ -120,7 +125,7 @@ class RestoreDecider:
     def estimate(self, blocks: int, tokens: int) -> tuple[float, float]:
         """(restore seconds, recompute seconds) for a hit of `blocks` slots
         holding `tokens` tokens; restore is inf without a bandwidth."""
-        recompute = tokens / (self.prefill_tok_s if self.samples >= MIN_SAMPLES else DEFAULT_PREFILL_TOK_S)
+        recompute = tokens / (self.prefill_tok_s if self.learned else DEFAULT_PREFILL_TOK_S)
         if self.copy_bytes_per_s is None:
             return float("inf"), recompute
         return self.backlog_s() + blocks * self.block_bytes / self.copy_bytes_per_s, recompute
@@ -174,5 +179,5 @@ class RestoreDecider:
             "host_restore_est_saved_seconds": s.est_saved_seconds,
             "host_restore_est_lost_seconds": s.est_lost_seconds,
             "host_copy_bytes_per_second": self.copy_bytes_per_s or 0.0,
-            "host_prefill_tokens_per_second": self.prefill_tok_s if self.samples >= MIN_SAMPLES else 0.0,
+            "host_prefill_tokens_per_second": self.prefill_tok_s if self.learned else 0.0,
         }

@@ -231,10 +231,9 @@ class HostTier:
         # earlier save still reads it (HostCopyPlan.wait_saves).
         self._evicted = True
         rec = _RECORDS.get(node)
-        if rec is None or rec.key is None or rec.saved:
-            return
-        if self.write_policy != "write_back" and not (self.write_policy == "write_through_selective"
-                                                      and self.continuations.likely()):
+        saves = self.write_policy == "write_back" or (self.write_policy == "write_through_selective"
+                                                      and self.continuations.likely())
+        if not saves or rec is None or rec.key is None or rec.saved:
             return
         physical = self._physical(node.block_id)
         slot = self._store(rec)

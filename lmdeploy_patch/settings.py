@@ -118,9 +118,16 @@ def ram_budget() -> tuple[int, str]:
     return int(available), source
 
 
+def usable_ram_gib() -> tuple[float, str]:
+    """(the largest host_cache_size accepted now: the RAM budget minus the
+    reserve, in GiB; which limit applied)."""
+    available, source = ram_budget()
+    return max(0, available - ram_reserve_bytes()) / GIB, source
+
+
 def max_host_cache_gib() -> float:
     """Largest host_cache_size accepted now: available RAM minus the reserve, in GiB."""
-    return max(0, ram_budget()[0] - ram_reserve_bytes()) / GIB
+    return usable_ram_gib()[0]
 
 
 def check_size(value: object, name: str = "host_cache_size", *, check_ram: bool = True) -> float | None:
@@ -132,8 +139,7 @@ def check_size(value: object, name: str = "host_cache_size", *, check_ram: bool 
     if number <= 0:
         raise ValueError(f"{name} must be > 0 GiB, got {value!r}; accepted: {SIZE_RANGE}")
     if check_ram:
-        available, source = ram_budget()
-        limit = max(0, available - ram_reserve_bytes()) / GIB
+        limit, source = usable_ram_gib()
         if number > limit:
             raise ValueError(
                 f"{name}={number:g} GiB does not fit in host memory: {limit:.2f} GiB available after "
