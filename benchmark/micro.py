@@ -11,6 +11,9 @@ Figures (all in one run, so ratios compare like with like):
   index_match_core_us_*       the same match without the Python call around it
   python_dict_match_us_*      a plain Python chained-hash dict (nano-vllm style, C xxhash)
   index_match_speedup_vs_python_*
+  cpu_verified_{restore,offload}_gbps_<dtype>, cpu_verified_vs_plain_restore_<dtype>
+      the same copies with what host_cache_verify adds: slot checksums (save completed, hit
+      matched) and the restored blocks read back and hashed; gpu_verified_* the same on a GPU
   cpu_{restore,offload}_gbps_<dtype>, cpu_memcpy_gbps_<dtype>, cpu_restore_vs_memcpy[_<dtype>]
       a 64-block restore/offload of a Llama-3-8B-shaped cache in CPU memory, through the
       SlotStore calls a rank makes (lmdeploy_patch/rank_tier.py), against one
@@ -176,12 +179,36 @@ def bench_cpu_copy(dtype: str, reps: int, blocks: int = 64) -> dict:
 
     restore()
     res_us = median_us(restore, reps)
+    ver_off_us, ver_res_us = verified_us(store, offload, restore, slots, dst, reps)
     mc = memcpy_gbps(nbytes, reps)
     res = {f"cpu_offload_gbps_{dtype}": nbytes / off_us / 1e3, f"cpu_restore_gbps_{dtype}": nbytes / res_us / 1e3,
-           f"cpu_memcpy_gbps_{dtype}": mc}
+           f"cpu_memcpy_gbps_{dtype}": mc, f"cpu_verified_offload_gbps_{dtype}": nbytes / ver_off_us / 1e3,
+           f"cpu_verified_restore_gbps_{dtype}": nbytes / ver_res_us / 1e3}
+    res[f"cpu_verified_vs_plain_restore_{dtype}"] = res_us / ver_res_us
     res[f"cpu_restore_vs_memcpy_{dtype}"] = res[f"cpu_restore_gbps_{dtype}"] / mc
     res[f"cpu_offload_vs_memcpy_{dtype}"] = res[f"cpu_offload_gbps_{dtype}"] / mc
     return res
+
+
+def verified_us(store: SlotStore, offload: Callable[[], None], restore: Callable[[], None], slots: np.ndarray,
+                blocks: np.ndarray, reps: int) -> tuple[float, float]:
+    """What host_cache_verify adds (lmdeploy_patch/slot_ledger.py): a save
+    is checksummed from its slot once it completes; a restore has its slots
+    checked when matched and its blocks, read back, after it lands."""
+    def verified_offload():
+        offload()
+        for s in slots.tolist():
+            store.slot_checksum(s)
+
+    def verified_restore():
+        for s in slots.tolist():
+            store.slot_checksum(s)
+        restore()
+        for b in blocks.tolist():
+            store.block_checksum(b)
+
+    verified_restore()
+    return median_us(verified_offload, reps), median_us(verified_restore, reps)
 
 
 def bench_gpu_copy(dtype: str, path: str, reps: int, blocks: int = 64) -> dict:
@@ -219,9 +246,15 @@ def bench_gpu_copy(dtype: str, path: str, reps: int, blocks: int = 64) -> dict:
     both_us = median_us(both, reps)
     engine = store.stats()["copy_engine"]
     key = f"{dtype}_{path}"
-    return {f"gpu_offload_gbps_{key}": nbytes / off_us / 1e3, f"gpu_restore_gbps_{key}": nbytes / res_us / 1e3,
-            f"gpu_both_streams_gbps_{key}": 2 * nbytes / both_us / 1e3,
-            f"gpu_engine_{key}": engine, f"gpu_pin_method_{key}": stats["pin_method"], "_bytes": nbytes}
+    out = {f"gpu_offload_gbps_{key}": nbytes / off_us / 1e3, f"gpu_restore_gbps_{key}": nbytes / res_us / 1e3,
+           f"gpu_both_streams_gbps_{key}": 2 * nbytes / both_us / 1e3,
+           f"gpu_engine_{key}": engine, f"gpu_pin_method_{key}": stats["pin_method"], "_bytes": nbytes}
+    if path == "kernel":
+        ver_off_us, ver_res_us = verified_us(store, offload, restore, slots, dst, reps)
+        out[f"gpu_verified_offload_gbps_{dtype}"] = nbytes / ver_off_us / 1e3
+        out[f"gpu_verified_restore_gbps_{dtype}"] = nbytes / ver_res_us / 1e3
+        out[f"gpu_verified_vs_plain_restore_{dtype}"] = res_us / ver_res_us
+    return out
 
 
 def pinned_copy_gbps(nbytes: int, reps: int) -> tuple[float, float]:

@@ -1,5 +1,5 @@
 """`--host-cache`, `--host-cache-ratio`, `--host-cache-size`,
-`--host-cache-write-policy` and `--host-cache-restore-policy` on the
+`--host-cache-write-policy`, `--host-cache-restore-policy` and `--host-cache-verify` on the
 `lmdeploy` command line.
 
 Where the flags go: LMDeploy builds its parsers at run time from
@@ -67,6 +67,9 @@ HELP = {
                                     "copy, behind the restore stream's backlog, is estimated faster than "
                                     "recomputing the tokens at this engine's measured prefill rate), always, "
                                     f"never. Default: {DEFAULT_RESTORE_POLICY}."),
+    "--host-cache-verify": ("Checksum every block saved to host memory and check it before the block is "
+                            "restored: a block whose bytes changed is dropped from the host cache and "
+                            "recomputed (costs a hash per saved and restored block). Default: off."),
 }
 
 
@@ -153,6 +156,8 @@ def add_host_cache_arguments(container: Any) -> None:
                            default=hidden, help=HELP["--host-cache-write-policy"])
     container.add_argument("--host-cache-restore-policy", dest="host_cache_restore_policy",
                            choices=RESTORE_POLICIES, default=hidden, help=HELP["--host-cache-restore-policy"])
+    container.add_argument("--host-cache-verify", dest="host_cache_verify", action="store_const", const=True,
+                           default=hidden, help=HELP["--host-cache-verify"])
 
 
 def given_host_cache_values(args: Any) -> dict[str, Any]:

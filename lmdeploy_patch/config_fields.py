@@ -1,7 +1,7 @@
 """The host-cache settings (settings.py) as real fields of LMDeploy's configs.
 
-`host_cache_ratio`, `host_cache_size`, `host_cache_write_policy` and
-`host_cache_restore_policy` are added in place to `messages.PytorchEngineConfig`, `messages.TurbomindEngineConfig`
+The fields of settings.HOST_CACHE_FIELDS (`host_cache_ratio`, `host_cache_size`,
+`host_cache_write_policy`, `host_cache_restore_policy`, `host_cache_verify`) are added in place to `messages.PytorchEngineConfig`, `messages.TurbomindEngineConfig`
 (hooks/messages.py) and `pytorch.config.CacheConfig` (hooks/pytorch_config.py).
 
 Why in place and not subclasses: LMDeploy tests `type(cfg) is
@@ -29,12 +29,12 @@ from .settings import (FIELD_DEFAULTS, FIELD_TYPES, HOST_CACHE_FIELDS, host_cach
                        take_pending, validate_host_cache_values)
 
 
-def _make_field(name: str) -> Any:
+def _make_field(name: str, default: Any = None, type_: Any = None) -> Any:
     import dataclasses
 
-    field = dataclasses.field(default=FIELD_DEFAULTS[name], kw_only=True)
+    field = dataclasses.field(default=FIELD_DEFAULTS[name] if type_ is None else default, kw_only=True)
     field.name = name
-    field.type = FIELD_TYPES[name]
+    field.type = FIELD_TYPES[name] if type_ is None else type_
     # What @dataclass sets on a regular field; fields()/asdict()/replace()
     # select on it.
     field._field_type = dataclasses._FIELD  # noqa: SLF001 - stdlib marker, stable since 3.7
@@ -56,14 +56,15 @@ def _wrap_init(original: Callable[..., None], *, check_ram: bool, takes_pending:
     return __init__
 
 
-def _wrap_eq(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _wrap_eq(original: Callable[[Any, Any], Any],
+             values: Callable[[Any], Any] = host_cache_values) -> Callable[[Any, Any], Any]:
     # The generated __eq__ compares the fields known at class creation only;
-    # without this, configs differing only in host-cache settings compare equal.
+    # without this, configs differing only in our fields compare equal.
     @functools.wraps(original)
     def __eq__(self: Any, other: Any) -> Any:
         result = original(self, other)
         if result is True and other.__class__ is self.__class__:
-            return host_cache_values(self) == host_cache_values(other)
+            return values(self) == values(other)
         return result
 
     return __eq__
@@ -101,3 +102,26 @@ def add_host_cache_fields(cls: type, where: str, *, check_ram: bool, takes_pendi
     STATE.patcher.setattr(cls, "__init__", _wrap_init(init, check_ram=check_ram, takes_pending=takes_pending))
     STATE.patcher.setattr(cls, "__eq__", _wrap_eq(eq))
     STATE.patcher.setattr(cls, "__repr__", _wrap_repr(text))
+
+
+def add_checked_field(cls: type, where: str, name: str, default: Any, type_: Any,
+                      check: Callable[[Any, str], Any]) -> None:
+    """Adds one keyword field to the dataclass `cls` in place (as the
+    host-cache fields are added), its value checked by `check(value, name)`
+    at construction: `GenerationConfig.cache_salt` (hooks/messages.py)."""
+    fields = require_attr(cls, "__dataclass_fields__", where)
+    init = require_attr(cls, "__init__", where)
+    eq = require_attr(cls, "__eq__", where)
+    if name in fields or name in vars(cls):
+        raise IncompatibleLMDeploy(f"{where} already defines {name}")
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        value = check(kwargs.pop(name, default), name)
+        init(self, *args, **kwargs)
+        object.__setattr__(self, name, value)
+
+    STATE.patcher.setitem(fields, name, _make_field(name, default, type_))
+    STATE.patcher.setattr(cls, name, default)
+    STATE.patcher.setattr(cls, "__init__", __init__)
+    STATE.patcher.setattr(cls, "__eq__", _wrap_eq(eq, lambda cfg: getattr(cfg, name, default)))

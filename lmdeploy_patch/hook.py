@@ -13,7 +13,8 @@ a function that calls the wrapper with LMDeploy's original first. A failed
 check reverts every patch (compat.apply): LMDeploy then runs untouched.
 
 Kinds: "function" (a module function or a plain method), "staticmethod"
-(kept a staticmethod), "property" (the getter is wrapped; setter and
+(kept a staticmethod), "classmethod" (kept one; the wrapper gets the class
+after the original), "property" (the getter is wrapped; setter and
 deleter kept). A declaration of the wrong kind is refused at install. An
 async wrapper (`async def`) makes an async replacement and must wrap an
 async original (LMDeploy decorates some, so the check unwraps them). The
@@ -29,7 +30,7 @@ from typing import Any, Callable, Sequence
 from .compat import STATE, IncompatibleLMDeploy, apply, require_attr, require_params
 from .import_hooks import when_imported
 
-KINDS = ("function", "staticmethod", "property")
+KINDS = ("function", "staticmethod", "classmethod", "property")
 
 
 def _resolve(module: Any, module_name: str, target: str) -> tuple[Any, str, str]:
@@ -60,6 +61,10 @@ def original_of(owner: Any, attr: str, kind: str, params: Sequence[str], where: 
         if not isinstance(raw, staticmethod):
             raise IncompatibleLMDeploy(f"{name} is no longer a staticmethod")
         raw = raw.__func__
+    elif kind == "classmethod":
+        if not isinstance(raw, classmethod):
+            raise IncompatibleLMDeploy(f"{name} is no longer a classmethod")
+        raw = raw.__func__
     elif kind == "property":
         if not isinstance(raw, property):
             raise IncompatibleLMDeploy(f"{name} is no longer a property")
@@ -86,6 +91,8 @@ def install(owner: Any, attr: str, kind: str, original: Callable, wrapper: Calla
     value: Any = hooked
     if kind == "staticmethod":
         value = staticmethod(hooked)
+    elif kind == "classmethod":
+        value = classmethod(hooked)
     elif kind == "property":
         value = _descriptor(owner, attr).getter(hooked)
     STATE.patcher.setattr(owner, attr, value)

@@ -55,6 +55,18 @@ COUNTERS = {
     "restore_estimated_lost_seconds": ("host_restore_est_lost_seconds",
                                        "Estimated seconds choices cost over the other choice: restores under "
                                        "host_cache_restore_policy=always, or before the figures were measured."),
+    "copy_failures": ("host_copy_failures", "Host copies the copy engine refused or reported failed; each was "
+                                            "made again by the fallback path (this process's ranks)."),
+    "copies_redone": ("host_copies_redone", "Copies made by the fallback path after a failure or a mismatch "
+                                            "(this process's ranks)."),
+    "restore_mismatches": ("host_restore_mismatches", "Restored blocks whose bytes differed from their host "
+                                                      "slot's checksum, copied again (host_cache_verify)."),
+    "verify_failures": ("host_verify_failures", "Host hits whose slot failed its checksum: dropped from the host "
+                                                "tier and recomputed (host_cache_verify)."),
+    "verify_dropped_blocks": ("host_verify_dropped_blocks", "Blocks those checksum failures dropped."),
+    "verify_unconfirmed_blocks": ("host_verify_unconfirmed_blocks",
+                                  "Host-hit blocks recomputed because their save had not completed when "
+                                  "matched (host_cache_verify)."),
     **{f"lost_{cause}_tokens": (f"host_lost_{cause}_tokens",
                                 f"Prompt tokens a never-evicting GPU cache would have served, recomputed: {cause} "
                                 "(lmdeploy_patch/lost_hits.py).") for cause in CAUSES},
@@ -67,6 +79,8 @@ GAUGES = {
     "copy_bytes_per_second": ("host_copy_bytes_per_second",
                               "Host-to-GPU restore bandwidth of one rank, measured at start-up (0: not measured "
                               "in this process)."),
+    "tier_off": ("host_tier_off", "1 once the host pool became unusable and the tier stopped for the rest of "
+                                  "the run."),
     "prefill_tokens_per_second": ("host_prefill_tokens_per_second",
                                   "Prefill throughput learned from this engine's forwards (0: not enough "
                                   "samples yet)."),

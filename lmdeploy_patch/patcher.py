@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 _MISSING = object()
+_CALL = object()  # an undo entry that is a function to call
 
 
 class Patcher:
@@ -23,10 +24,17 @@ class Patcher:
         self._undo.append((mapping, key, mapping.get(key, _MISSING)))
         mapping[key] = value
 
+    def call_on_revert(self, fn: Any) -> None:
+        """Calls fn() when reverting, after undoing what was recorded after it
+        (a pydantic model rebuilt once its fields are restored)."""
+        self._undo.append((fn, "", _CALL))
+
     def revert(self) -> None:
         while self._undo:
             obj, name, old = self._undo.pop()
-            if isinstance(obj, dict):
+            if old is _CALL:
+                obj()
+            elif isinstance(obj, dict):
                 if old is _MISSING:
                     obj.pop(name, None)
                 else:

@@ -4,6 +4,7 @@ scheduler and the workers (hooks/executor_base.py). The decision travels on
 the cache config (eligibility.py)."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .eligibility import off_reason, turn_off
@@ -12,8 +13,6 @@ from .settings import GIB, DefaultRatio, host_cache_requested, ram_budget, ram_r
 
 
 def page_size() -> int:
-    import os
-
     return os.sysconf("SC_PAGESIZE")
 
 
@@ -94,6 +93,8 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
     cache_config.host_cache_slots = slots
     cache_config.host_cache_block_bytes = sum(block_bytes_per_rank)
     cache_config.host_cache_rank_block_bytes = max(block_bytes_per_rank)  # ranks copy their shares in parallel
+    # The scheduler's process: a rank there whose pool fails can turn the tier off (rank_tier.attach_to_agent).
+    cache_config.host_cache_pid = os.getpid()
     total = slots * sum(block_bytes_per_rank)
     log_once(f"host pool: {slots} blocks per rank, {total / GIB:.2f} GiB over {len(block_bytes_per_rank)} rank(s) "
              f"({slots / max(1, cache_config.num_gpu_blocks):.2f}x the GPU cache)")

@@ -35,14 +35,19 @@ import time
 import weakref
 from typing import Any, Optional
 
+import numpy as np
+
 from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
 from lmdeploy_hostcache.config import COPY_PATHS, PIN_MODES
 
+from . import faults, slot_ledger
 from .copy_plan import HostCopyPlan
-from .eligibility import tier_slots
+from .eligibility import tier_slots, turn_off
+from .fallback_copy import FallbackCopier
 from .histogram import LATENCY_BOUNDS_S, Histogram
 from .log import log_once
 from .settings import slot_stride
+from .slot_ledger import SlotLedger
 
 
 # Bytes the start-up calibration copies each way: enough that a copy's fixed
@@ -90,9 +95,17 @@ def pool_regions(allocation: Any, blocks_per_logical: int) -> tuple[list[Region]
 class WorkerTier:
     """Executes copy plans on one rank's SlotStore, in forward order."""
 
-    def __init__(self, store: SlotStore, cuda: bool, config_id: int = 0):
+    def __init__(self, store: SlotStore, cuda: bool, config_id: int = 0, fallback: Optional[FallbackCopier] = None,
+                 verify: bool = False):
         self.store = store
         self.cuda = cuda
+        # The second copy path (fallback_copy.py); without it a copy the
+        # engine refuses fails the forward, as before the ledger.
+        self.fallback = fallback
+        self.verify = verify
+        self.ledger = SlotLedger(store.num_slots, verify, store.slot_checksum,
+                                 self._redo_saves, self._saved)
+        self._checking: list[tuple[Any, np.ndarray, np.ndarray]] = []  # this forward's restores, checked before the model
         # id() of the cache config it was built from: the scheduler of the
         # same engine holds the same object (the single-GPU executor), so an
         # engine reads its own ranks' figures, not another engine's in this process.
@@ -132,12 +145,89 @@ class WorkerTier:
             log_once(f"the host pool could not be pinned ({stats['pin_error']}); copies run from pageable "
                      "memory, slower, and the stats say pinned=False")
 
+    def _copy(self, direction: str, slots: np.ndarray, blocks: np.ndarray, after: Any) -> Optional[Any]:
+        """Queues a copy; one the engine refuses is made by the fallback path
+        at once (None is returned then): a lost restore would feed the
+        forward stale bytes, a lost save leave a matchable slot without them."""
+        if direction == "offload" and self.ledger.lost:
+            self.ledger.skipped(slots)  # the scheduler stops matching (slot_ledger.LOST)
+            return None
+        try:
+            transfer = getattr(self.store, direction)(slots, blocks, after_stream=after)
+            error = transfer.queue_error()
+        except ValueError:
+            raise  # a slot or block outside the pools: a planning bug, not a fault of the pool
+        except RuntimeError as e:
+            transfer, error = None, str(e)
+        if not error:
+            self._submit(transfer)
+            if direction == "offload":
+                self.ledger.submitted(transfer, slots, blocks)
+            return transfer
+        if self.fallback is None:
+            raise RuntimeError(f"lmdeploy-hostcache: a host-cache {direction} could not be queued: {error}")
+        self.ledger.counts["copy_failures"] += 1
+        log_once(f"a host-cache {direction} could not be queued ({error}); copies the engine refuses are made by "
+                 "the fallback path (counted in host_copy_failures)")
+        if direction == "offload":
+            self._redo_saves(slots, blocks, fatal=False)
+        else:
+            self._restore_by_fallback(slots, blocks)
+        return None
+
+    def _quiesce(self) -> None:
+        """Every copy this rank queued has finished, and (CUDA) the forward
+        stream too: the fallback path then reads and writes in their order."""
+        for t in (*self._unwaited["offload"], *self._unwaited["restore"], *self.ledger.transfers()):
+            t.wait()
+        if self.cuda:
+            import torch
+
+            torch.cuda.current_stream().synchronize()
+
+    def _redo_saves(self, slots: np.ndarray, blocks: np.ndarray, fatal: bool = True) -> None:
+        """Saves by the fallback path (the ledger's repair, or a refused
+        save). Their blocks still hold what the failed save was to copy: a
+        failed save is settled before any copy or forward of a later plan
+        can write its block (before_model). When this fails too the pool is
+        unusable: the ledger is lost, the scheduler stops using it."""
+        try:
+            self._quiesce()
+            self.fallback.save(slots, blocks)
+        except Exception as e:
+            if fatal:
+                raise  # the ledger loses the pool
+            self.ledger.lose(f"a save could not be queued, nor copied by the fallback path ({e})")
+            self.ledger.skipped(slots)
+            self._pool_lost()
+            return
+        if not fatal:
+            self.ledger.copied(slots)
+            self.ledger.counts["copies_redone"] += 1
+
+    def _pool_lost(self) -> None:
+        # The scheduler that reads the ledger says it, once (HostTier._pool_lost).
+        if not self.ledger.watched:
+            # No scheduler in this process reads the ledger: it would go on
+            # planning restores of slots that were never filled.
+            raise RuntimeError(f"lmdeploy-hostcache: the host pool is unusable ({self.ledger.lost}) and the "
+                               "scheduler is in another process; restart without the host cache")
+
+    def _restore_by_fallback(self, slots: np.ndarray, blocks: np.ndarray) -> None:
+        try:
+            self._quiesce()
+            self.fallback.restore(slots, blocks)
+        except Exception as e:
+            # The forward would read blocks that hold nothing: it must not run.
+            raise RuntimeError(f"lmdeploy-hostcache: a host-cache restore failed on both copy paths ({e}); the "
+                               "host memory or the device is failing") from e
+        self.ledger.counts["copies_redone"] += 1
+
+    def _saved(self, slots: np.ndarray) -> None:
+        if isinstance(self.store, faults.FaultyStore):
+            self.store.after_save(slots)
+
     def _submit(self, transfer) -> None:
-        # A lost restore would feed this forward stale bytes and a lost save
-        # would leave a matchable slot without them: the forward must fail.
-        error = transfer.queue_error()
-        if error:
-            raise RuntimeError(f"lmdeploy-hostcache: a host-cache {transfer.direction} could not be queued: {error}")
         self._submits += 1
         if self._submits % 32 == 1:
             self.report_pinning()
@@ -151,21 +241,33 @@ class WorkerTier:
         # Without a plan (warmup, a forward LMDeploy built itself) nothing is
         # known about block reuse: wait for everything, as before the tier.
         wait_saves = plan is None or plan.wait_saves
+        self.ledger.settle()  # saves seen complete: checksummed, or redone from their blocks
         if plan is not None:
             if len(plan.pre_slots):
-                self._submit(self.store.offload(plan.pre_slots, plan.pre_blocks, after_stream=stream))
+                self._copy("offload", plan.pre_slots, plan.pre_blocks, stream)
                 self.blocks_saved += len(plan.pre_slots)
                 wait_saves = True
             if len(plan.restore_slots):
+                if not self.cuda:
+                    # A save that failed after it was queued is redone from its
+                    # block, which a restore of this plan may overwrite, into the
+                    # slot a restore may read: settle those first (the store would
+                    # order the restore behind them anyway). On a GPU such a
+                    # failure is a device fault and the forward fails with it.
+                    self.ledger.settle(wait_for=plan.restore_slots, wait_blocks=plan.restore_blocks)
                 # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
                 after = stream if plan.restore_after_forward or stream is None else 0
-                transfer = self.store.restore(plan.restore_slots, plan.restore_blocks, after_stream=after)
-                self._submit(transfer)
-                self._restores_unseen.append((plan.created, transfer))
+                transfer = self._copy("restore", plan.restore_slots, plan.restore_blocks, after)
+                if transfer is not None:
+                    self._restores_unseen.append((plan.created, transfer))
+                    self._checking.append((transfer, plan.restore_slots, plan.restore_blocks))
+                elif self.verify:
+                    self._checking.append((None, plan.restore_slots, plan.restore_blocks))
                 self.blocks_restored += len(plan.restore_slots)
         # Restores are always waited for: the model reads what they write.
         waits = self._unwaited["restore"] + (self._unwaited["offload"] if wait_saves else [])
         if not waits:
+            self._check_restores()
             self._see_restores()
             return
         if self.cuda:
@@ -184,10 +286,44 @@ class WorkerTier:
             for t in waits:
                 t.wait()
             self._waited += time.perf_counter() - t0
+            if wait_saves:
+                self.ledger.settle()  # a failed one is redone before the model may overwrite its block
+        self._check_restores()
         self._see_restores()
         self._unwaited["restore"] = []
         if wait_saves:
             self._unwaited["offload"] = []
+
+    def _check_restores(self) -> None:
+        """This forward's restores, before the model reads them: one that
+        failed is made again by the fallback path; with verification, each
+        block's bytes are compared with its slot's checksum (taken when the
+        save completed) and a block that differs is copied again. A GPU
+        rank looks only with verification on (it waits for the copies then)."""
+        checking, self._checking = self._checking, []
+        for transfer, slots, blocks in checking:
+            if transfer is not None and (not self.cuda or self.verify) and not transfer.wait():
+                if self.fallback is None:
+                    raise RuntimeError(f"lmdeploy-hostcache: a host-cache restore failed: {transfer.error}")
+                self.ledger.counts["copy_failures"] += 1
+                log_once(f"a host-cache restore failed after it was queued ({transfer.error}); failed copies are "
+                         "made again by the fallback path (counted in host_copy_failures)")
+                self._restore_by_fallback(slots, blocks)
+            if self.verify:
+                self._verify_restored(slots, blocks)
+
+    def _verify_restored(self, slots: np.ndarray, blocks: np.ndarray) -> None:
+        for slot, block in zip(slots.tolist(), blocks.tolist()):
+            expected = self.ledger.expected(slot)
+            if expected is None or self.store.block_checksum(block) == expected:
+                continue
+            self.ledger.counts["restore_mismatches"] += 1
+            log_once(f"a restored block differed from the bytes saved in its host slot (slot {slot}, device block "
+                     f"{block}); such blocks are copied again (counted in host_restore_mismatches)")
+            self._restore_by_fallback(np.array([slot], dtype=np.uint32), np.array([block], dtype=np.int32))
+            if self.store.block_checksum(block) != expected:
+                raise RuntimeError(f"lmdeploy-hostcache: device block {block} still differs from host slot {slot} "
+                                   "after copying it again; the device memory is failing")
 
     def _see_restores(self) -> None:
         """Restore latency, plan to copy complete, for each restore now seen
@@ -260,8 +396,6 @@ class WorkerTier:
                 max(1, CALIBRATION_BYTES // max(1, self.store.slot_bytes)))
         if n <= 0:
             return None
-        import numpy as np
-
         # Blocks in reverse order against the slots: no slot's neighbour goes
         # to its block's neighbour, as in serving (the kernel copies per block).
         slots = np.arange(n, dtype=np.uint32)
@@ -297,7 +431,7 @@ class WorkerTier:
 
     def after_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
         if plan is not None and len(plan.post_slots):
-            self._submit(self.store.offload(plan.post_slots, plan.post_blocks, after_stream=stream))
+            self._copy("offload", plan.post_slots, plan.post_blocks, stream)
             self.blocks_saved += len(plan.post_slots)
 
     def close(self) -> None:
@@ -306,11 +440,17 @@ class WorkerTier:
             for t in pending:
                 t.wait()
             pending.clear()
+        slot_ledger.unregister(self.ledger)
 
 
 def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",
                       device: Optional[str] = None, pin: str = "lazy") -> WorkerTier:
-    """A rank's store: host_cache_slots slots of this rank's block size."""
+    """A rank's store: host_cache_slots slots of this rank's block size,
+    with its fallback copy path, its ledger (registered for the scheduler in
+    this process) and the test-only faults of HOSTCACHE_FAULTS."""
+    plan = faults.from_env()
+    if plan is not None and plan.fires("build"):
+        raise RuntimeError(f"injected fault ({faults.VARIABLE}): the host pool's memory could not be allocated")
     regions, num_blocks = pool_regions(allocation, blocks_per_logical)
     slot_bytes = sum(r.bytes for r in regions)
     stride = slot_stride(slot_bytes)
@@ -326,13 +466,18 @@ def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: in
     if store.num_slots != slots:
         raise RuntimeError(f"host pool has {store.num_slots} slots, the scheduler expects {slots}")
     store._allocation = allocation  # the pools must outlive the store
-    worker = WorkerTier(store, cuda=device.startswith("cuda"), config_id=id(cache_config))
+    fallback = FallbackCopier(allocation, blocks_per_logical, store)
+    worker = WorkerTier(store, cuda=device.startswith("cuda"), config_id=id(cache_config), fallback=fallback,
+                        verify=bool(getattr(cache_config, "host_cache_verify", False)))
     stream = None
     if worker.cuda:
         import torch
 
         stream = torch.cuda.current_stream()
     worker.calibrate_restore(num_blocks, stream)
+    if plan is not None:  # after calibration: its copies are no serving copies
+        worker.store = faults.FaultyStore(store, plan, fallback.scribble)
+    slot_ledger.register(worker.config_id, worker.ledger)
     return worker
 
 
@@ -360,6 +505,8 @@ def pin_mode() -> str:
 # close, rebuild); the forward path finds it by the cache engine it is given.
 _BY_AGENT: "weakref.WeakKeyDictionary[Any, WorkerTier]" = weakref.WeakKeyDictionary()
 _BY_CACHE_ENGINE: "weakref.WeakKeyDictionary[Any, WorkerTier]" = weakref.WeakKeyDictionary()
+# Agents whose pool could not be built (again): their ledger says so to the scheduler.
+_LOST_BY_AGENT: "weakref.WeakKeyDictionary[Any, SlotLedger]" = weakref.WeakKeyDictionary()
 
 
 def register(cache_engine: Any, worker: WorkerTier, agent: Any = None) -> None:
@@ -386,11 +533,18 @@ def unregister(cache_engine: Any) -> bool:
     return True
 
 
+# Failure counts of ranks whose stores were dropped (sleep), by config id: counters never go down.
+_RETIRED: dict[int, dict[str, int]] = {}
+
+
 def _forget(worker: WorkerTier) -> None:
     for table in (_BY_AGENT, _BY_CACHE_ENGINE):
         for key, w in list(table.items()):
             if w is worker:
                 del table[key]
+    retired = _RETIRED.setdefault(worker.config_id, {})
+    for name, n in worker.ledger.counts.items():
+        retired[name] = retired.get(name, 0) + n
     worker.close()
 
 
@@ -410,8 +564,12 @@ def local_figures(config_id: int) -> dict:
     latency = workers[0].restore_latency
     for w in workers[1:]:
         latency = latency.merge(w.restore_latency)
+    counts = dict(_RETIRED.get(config_id, {}))
+    for w in workers:
+        for name, n in w.ledger.counts.items():
+            counts[name] = counts.get(name, 0) + n
     return {"host_restore_wait_seconds": sum(w.wait_seconds() for w in workers),
-            "host_restore_latency": latency.snapshot()}
+            "host_restore_latency": latency.snapshot(), **{f"host_{k}": v for k, v in counts.items()}}
 
 
 def local_restore_bandwidth(config_id: int) -> Optional[float]:
@@ -441,15 +599,30 @@ def attach_to_agent(agent: Any) -> None:
         worker = build_worker_tier(cc, agent.cache_engine.gpu_allocation,
                                    agent.block_cache_plan.kernel_blocks_per_logical_block, copy_path(),
                                    pin=pin_mode())
+    except ValueError:
+        raise  # a setting to change (HOSTCACHE_PIN, HOSTCACHE_COPY_PATH): said as it is
     except Exception as e:
-        raise RuntimeError(f"lmdeploy-hostcache: the host cache could not be set up on rank {agent.rank}: {e}. "
-                           "Lower host_cache_ratio/host_cache_size or start without the host cache.") from e
+        reason = f"the host pool could not be set up on rank {agent.rank}: {e}"
+        if getattr(cc, "host_cache_pid", None) != os.getpid():
+            # The scheduler is in another process: it would plan copies nobody makes.
+            raise RuntimeError(f"lmdeploy-hostcache: {reason}. Lower host_cache_ratio/host_cache_size or start "
+                               "without the host cache.") from e
+        # The scheduler reads this very config (before it is built) and this
+        # ledger (after a sleep, when it is built already): serving goes on without the tier.
+        turn_off(cc, reason)
+        lost = SlotLedger.unusable(reason)
+        slot_ledger.register(id(cc), lost)
+        _LOST_BY_AGENT[agent] = lost
+        return
     register(agent.cache_engine, worker, agent)
 
 
 def drop_from_agent(agent: Any) -> bool:
     """The agent's pools are about to go (sleep, close, rebuild): its store
     waits for its copies and is forgotten; True if it had one."""
+    lost = _LOST_BY_AGENT.pop(agent, None)
+    if lost is not None:
+        slot_ledger.unregister(lost)
     worker = _BY_AGENT.get(agent)
     if worker is None:
         return False

@@ -20,7 +20,8 @@ LMDeploy drops takes its record with it). Keys: a record's `key` is our
 chained XXH64 over (parent key, namespace, token ids), computed when the
 node attaches (LMDeploy's own block hash is salted per process). A node with
 multimodal identity, or under one, gets None and is neither saved nor
-matched. Per-sequence state is keyed by `seq.seq_id`.
+matched. The namespace of a key is the adapter and the request's cache salt
+(cache_salt.py). Per-sequence state is keyed by `seq.seq_id`.
 
 Session tails. LMDeploy's trie holds full blocks only; a session between
 turns keeps its last, partial block in its own sequence (a STOPPED sequence
@@ -53,7 +54,6 @@ by the RestoreDecider (restore_decision.py) before it is pinned for a plan.
 """
 from __future__ import annotations
 
-import hashlib
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -66,7 +66,8 @@ from .continuations import Continuations
 from .copy_plan import HostCopyPlan
 from .eligibility import off_reason, tier_slots, turn_off
 from .histogram import SIZE_BOUNDS_BYTES, Histogram
-from .log import log_once
+from . import cache_salt, slot_ledger
+from .log import log_once, logger
 from .lost_hits import LostHits, shadow_keys
 from .restore_decision import RestoreDecider
 from .settings import DEFAULT_RESTORE_POLICY, WRITE_POLICIES, host_cache_requested
@@ -89,11 +90,9 @@ def tier_of(owner: Any) -> Optional["HostTier"]:
         return None
 
 
-def adapter_namespace(adapter_name: Optional[str]) -> int:
-    """Blocks of different adapters never share host entries."""
-    if not adapter_name:
-        return 0
-    return int.from_bytes(hashlib.blake2b(adapter_name.encode(), digest_size=8).digest(), "little") or 1
+def seq_namespace(seq: Any) -> int:
+    """The host namespace of a sequence's blocks: its adapter and cache salt (cache_salt.py)."""
+    return cache_salt.namespace(seq.adapter_name, cache_salt.of_sequence(seq))
 
 
 class NodeRecord:
@@ -142,6 +141,9 @@ class HostTierStats:
     tails_saved: int = 0      # session tails saved when their blocks were released
     tail_hit_tokens: int = 0  # of hit_tokens, those from session tails
     tails_planned: int = 0    # tail slots among blocks_restored + restores_skipped
+    verify_failures: int = 0  # host hits whose bytes no longer matched their checksum (host_cache_verify)
+    verify_dropped_blocks: int = 0  # blocks those failures dropped from the index
+    verify_unconfirmed_blocks: int = 0  # hit blocks not served because their save had not completed yet
 
 
 class HostTier:
@@ -149,7 +151,7 @@ class HostTier:
 
     def __init__(self, num_slots: int, block_size: int, write_policy: str, bytes_per_block: int,
                  allocator: Any, num_gpu_blocks: int = 0, restore_policy: str = DEFAULT_RESTORE_POLICY,
-                 rank_block_bytes: int = 0):
+                 rank_block_bytes: int = 0, config_id: Optional[int] = None, verify: bool = False):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"host_cache_write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
         self.index = _core.TierIndex(num_slots, block_size)
@@ -186,6 +188,33 @@ class HostTier:
         # LMDeploy 0.18.0's serving stack never does (docs/lmdeploy_hook_notes.md
         # section 10): set by drivers that keep sessions open (the replay's interactive mode).
         self.save_stopped_tails = False
+        # The ledgers of this engine's ranks in this process (slot_ledger.py),
+        # by the id of its cache config; None: ranks elsewhere, none to read.
+        self.config_id = config_id
+        self.verify = verify
+        self.off: Optional[str] = None  # why the tier stopped mid-run (its pool became unusable)
+        if verify and not self._ledgers():
+            raise ValueError("host_cache_verify=True checks host slots from the scheduler, which needs this "
+                             "engine's ranks in its process (one GPU, or the CPU engine); with ranks in other "
+                             "processes set host_cache_verify=False")
+
+    def _ledgers(self) -> list:
+        """This engine's ranks' ledgers in this process (rebuilt with their pools after a sleep)."""
+        found = slot_ledger.ledgers(self.config_id) if self.config_id is not None else []
+        for ledger in found:
+            ledger.watched = True  # a lost pool is now said here, not raised on the rank
+        return found
+
+    def _pool_lost(self) -> bool:
+        """Whether a rank's pool became unusable; said once, and from then on
+        nothing is saved or matched (restores already matched still run)."""
+        if self.off is None:
+            lost = next((x.lost for x in self._ledgers() if x.lost), None)
+            if lost is None:
+                return False
+            self.off = lost
+            log_once(f"host cache off for the rest of the run: {lost}; serving goes on without it")
+        return True
 
     def serve(self, *owners: Any) -> None:
         """`tier_of(owner)` is this tier from now on."""
@@ -201,10 +230,11 @@ class HostTier:
     def on_attach(self, node: Any, parent_record: NodeRecord) -> None:
         """A trie node attached under a node this tier knows (schedule time,
         before the forward fills it)."""
-        if parent_record.key is None or node.extra_identity:
+        salt, content = cache_salt.split(node.extra_identity) if node.extra_identity else (None, ())
+        if parent_record.key is None or content:
             _RECORDS[node] = NodeRecord(self, None)
             return
-        ns = adapter_namespace(node.adapter_name)
+        ns = cache_salt.namespace(node.adapter_name, salt)
         tokens = as_tokens(node.token_ids)
         key = _core.chain_key(parent_record.key, ns, tokens)
         _RECORDS[node] = NodeRecord(self, key, parent_record.key, ns, tokens)
@@ -250,11 +280,15 @@ class HostTier:
     def _reserve(self, parent: int, ns: int, tokens: np.ndarray) -> tuple[str, int, Optional[int]]:
         """Inserts one block into the index: (status, key, the slot to copy
         it to, or None when it is already stored or cannot be)."""
+        if self.off is not None:
+            return "off", 0, None  # the pool is lost: nothing more is saved
         status, key, slot = self.index.reserve(parent, ns, tokens)
         if status == "created":
             # Settled as planned (module docstring): the restore of a later
             # plan reads this save's bytes on every rank.
             self.index.saved(slot, True)
+            for ledger in self._ledgers():
+                ledger.planned(slot)
             self.stats.blocks_saved += 1
             return status, key, slot
         if status in ("full", "collision"):
@@ -264,6 +298,8 @@ class HostTier:
     def _store(self, rec: NodeRecord) -> Optional[int]:
         """A trie node's block into the index (_reserve); the slot to copy it to."""
         status, key, slot = self._reserve(rec.parent_key, rec.ns, rec.tokens)
+        if status == "off":
+            return None
         rec.saved = True
         if status in ("full", "collision"):
             self.lost.dropped(key)
@@ -278,7 +314,7 @@ class HostTier:
         memory: pin the hit slots, advance the sequence past them (the normal
         allocation then gives them fresh blocks), count the hit tokens."""
         cursor = seq.prefix_cache.trie_cursor
-        if cursor is None or seq.seq_id in self._restores:
+        if cursor is None or seq.seq_id in self._restores or self._pool_lost():
             return
         if self.write_policy == "write_through_selective":
             self.continuations.resumed(seq.seq_id)
@@ -304,15 +340,19 @@ class HostTier:
         # token, and the sequence's clamps (multimodal spans, limits).
         end = (seq.num_valid_ids - 1) // bs * bs
         end = seq.clamp_prefix_cache_match_step(min(end, seq.get_prefix_cache_max_match_step()))
-        ns = adapter_namespace(seq.adapter_name)
+        ns = seq_namespace(seq)
         keys, slots = _NO_BLOCKS, _NO_SLOTS
         queried = 0
         if end > start:
             queried = end - start
             keys, slots = self.index.match(cursor_record.key, ns, as_tokens(seq.history_cache[start:end]), True)
+            n = self._servable(seq, slots, start)
+            keys, slots = keys[:n], slots[:n]
         after = start + len(slots) * bs
         parent = keys[-1] if len(keys) else cursor_record.key
         tail, tail_tokens = self._match_tail(seq, parent, ns, after)
+        if tail is not None and not self._servable(seq, np.array([tail], dtype=np.uint32), after):
+            tail, tail_tokens = None, 0
         rest = (_core.block_keys(parent, ns, as_tokens(seq.history_cache[after:end]), bs) if end > after
                 else _NO_BLOCKS)
         if self.write_policy == "write_through_selective":
@@ -341,6 +381,35 @@ class HostTier:
             trie.stats.num_hit_tokens += hit  # rollback restores LMDeploy's snapshot of these stats
         self.stats.hit_tokens += hit
         self.stats.tail_hit_tokens += tail_tokens
+
+    def _servable(self, seq: Any, slots: np.ndarray, start: int) -> int:
+        """How many of the matched `slots` (pinned, a prefix from token
+        `start`) every local rank can restore as they are (slot_ledger.check);
+        the pins of the rest are given back, and with a checksum mismatch
+        that slot and all after it leave the index: the request recomputes
+        from there."""
+        n = len(slots)
+        why = ""
+        for ledger in self._ledgers():
+            m, reason = ledger.check(slots[:n])
+            if m < n:
+                n, why = m, reason
+        if n == len(slots):
+            return n
+        rest = slots[n:]
+        if why == slot_ledger.MISMATCH:
+            self.index.drop(rest)
+            self.stats.verify_failures += 1
+            self.stats.verify_dropped_blocks += len(rest)
+            logger.warning("lmdeploy-hostcache: host slot %d failed its checksum for request %s (session %s): "
+                           "%d block(s) dropped from the host cache, recomputed from token %d", int(rest[0]),
+                           seq.seq_id, getattr(seq, "session_id", "?"), len(rest),
+                           start + n * self.block_size)
+        else:
+            self.index.release(rest)
+            if why == slot_ledger.UNCONFIRMED:
+                self.stats.verify_unconfirmed_blocks += len(rest)
+        return n
 
     def _note_lost(self, seq: Any, rest: np.ndarray, after: int, end: int, served: int) -> None:
         """What this admission recomputes that a never-evicting cache would
@@ -414,13 +483,13 @@ class HostTier:
         if rec is None or rec.key is None or cursor.prefix_len != start:
             return  # the chain up to the tail is not the trie's: no key to save it under
         self._tails.pop(seq.seq_id, None)  # an older tail is not this history's
-        status, _, slot = self._reserve(rec.key, adapter_namespace(seq.adapter_name),
+        status, _, slot = self._reserve(rec.key, seq_namespace(seq),
                                         padded_tail(seq.history_cache[start:h], bs))
         if slot is not None:
             self._pre.append((slot, self._physical(seq.logical_blocks.get_real_blocks()[start // bs])))
             self._evicted = True  # the block is freed now: the next forward waits for this save
             self.stats.tails_saved += 1
-        elif status in ("full", "collision"):
+        elif status in ("full", "collision", "off"):
             return
         self._tails[seq.seq_id] = n
 
@@ -459,6 +528,8 @@ class HostTier:
         pre, self._pre = self._pre, []
         restore = self._planned_restores(running)
         post = self._planned_saves()
+        if self._pool_lost():
+            pre, post = [], []  # restores matched before the pool was lost still run
         wait_saves, self._evicted = self._evicted, False
         # A restore into a block a pre save reads queues behind that save on
         # every rank (SlotStore orders shared blocks across its streams), and
@@ -570,6 +641,8 @@ class HostTier:
             "host_evictions": self._evictions_before + self.index.evictions,
             "host_slots_used": used, "host_slots_total": total, "host_occupancy": used / total,
             **self.decider.metrics(), "host_restore_size": self.restore_size.snapshot(),
+            "host_verify_failures": s.verify_failures, "host_verify_dropped_blocks": s.verify_dropped_blocks,
+            "host_verify_unconfirmed_blocks": s.verify_unconfirmed_blocks, "host_tier_off": int(self.off is not None),
         }
 
 
@@ -625,9 +698,10 @@ def attach(scheduler: Any) -> None:
                     bytes_per_block=getattr(cc, "host_cache_block_bytes", 0),
                     allocator=scheduler.block_manager.allocator, num_gpu_blocks=cc.num_gpu_blocks,
                     restore_policy=getattr(cc, "host_cache_restore_policy", DEFAULT_RESTORE_POLICY),
-                    rank_block_bytes=getattr(cc, "host_cache_rank_block_bytes", 0))
+                    rank_block_bytes=getattr(cc, "host_cache_rank_block_bytes", 0), config_id=id(cc),
+                    verify=bool(getattr(cc, "host_cache_verify", False)))
     tier.serve(scheduler, scheduler.block_trie, scheduler.sequence_lifecycle)
     for root in scheduler.block_trie._roots.values():
         tier.add_root(root)
     log_once(f"host cache on: {slots} blocks per rank, write policy {tier.write_policy}, "
-             f"restore policy {tier.decider.policy}")
+             f"restore policy {tier.decider.policy}{', restores verified' if tier.verify else ''}")

@@ -14,7 +14,7 @@ import contextvars
 from typing import Any, Iterator, Mapping
 
 HOST_CACHE_FIELDS: tuple[str, ...] = ("host_cache_ratio", "host_cache_size", "host_cache_write_policy",
-                                      "host_cache_restore_policy")
+                                      "host_cache_restore_policy", "host_cache_verify")
 WRITE_POLICIES: tuple[str, ...] = ("write_through", "write_through_selective", "write_back")
 DEFAULT_WRITE_POLICY = "write_through"
 # Whether a host hit is restored or recomputed (restore_decision.py).
@@ -25,9 +25,11 @@ FIELD_DEFAULTS: dict[str, Any] = {
     "host_cache_size": None,
     "host_cache_write_policy": DEFAULT_WRITE_POLICY,
     "host_cache_restore_policy": DEFAULT_RESTORE_POLICY,
+    # Checksums of saved blocks, checked before a restore is used (slot_ledger.py).
+    "host_cache_verify": False,
 }
 FIELD_TYPES: dict[str, Any] = {"host_cache_ratio": float, "host_cache_size": float | None,
-                               "host_cache_write_policy": str, "host_cache_restore_policy": str}
+                               "host_cache_write_policy": str, "host_cache_restore_policy": str, "host_cache_verify": bool}
 # What `--host-cache` turns on: host pool = 4 x this rank's GPU KV-cache bytes.
 DEFAULT_HOST_CACHE_RATIO = 4.0
 
@@ -159,6 +161,29 @@ def check_restore_policy(value: object, name: str = "host_cache_restore_policy")
     return check_policy(value, name, RESTORE_POLICIES)
 
 
+def check_verify(value: object, name: str = "host_cache_verify") -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+    return value
+
+
+# A request's cache namespace (cache_salt.py): a string, bounded so that a
+# request cannot make the server hash megabytes per block lookup.
+SALT_MAX_CHARS = 1024
+SALT_RANGE = f"None, or a string of 1 to {SALT_MAX_CHARS} characters"
+
+
+def check_salt(value: object, name: str = "cache_salt") -> str | None:
+    """The salt itself is never echoed: it is a tenant's secret."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be {SALT_RANGE}; got {type(value).__name__}")
+    if not 0 < len(value) <= SALT_MAX_CHARS:
+        raise ValueError(f"{name} must be {SALT_RANGE}; got {len(value)} characters")
+    return value
+
+
 def validate_host_cache_values(values: Mapping[str, Any], *, check_ram: bool = True) -> dict[str, Any]:
     """All the fields (missing ones take their defaults), validated and normalised."""
     merged = {**FIELD_DEFAULTS, **values}
@@ -170,6 +195,7 @@ def validate_host_cache_values(values: Mapping[str, Any], *, check_ram: bool = T
         "host_cache_size": check_size(merged["host_cache_size"], check_ram=check_ram),
         "host_cache_write_policy": check_policy(merged["host_cache_write_policy"]),
         "host_cache_restore_policy": check_restore_policy(merged["host_cache_restore_policy"]),
+        "host_cache_verify": check_verify(merged["host_cache_verify"]),
     }
 
 

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmdeploy_patch"
 LAYERS: dict[int, set[str]] = {
     0: {"patcher", "log", "import_hooks", "compat", "hook"},
     1: {"settings"},
-    2: {"eligibility", "copy_plan", "lost_hits", "histogram", "restore_decision", "continuations"},
+    2: {"eligibility", "copy_plan", "lost_hits", "histogram", "restore_decision", "continuations", "slot_ledger", "cache_salt",
+        "faults", "fallback_copy"},
     3: {"scheduler_tier", "rank_tier", "pool_sizing", "config_fields", "cli_flags", "turbomind_fallback",
         "metrics_export"},
     4: {"hooks." + p.stem for p in (PACKAGE / "hooks").glob("*.py") if p.stem != "__init__"} | {"hooks"},

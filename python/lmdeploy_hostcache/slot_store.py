@@ -95,5 +95,13 @@ class SlotStore:
     def slot_view(self, slot: int) -> np.ndarray:
         return np.frombuffer(self._core.slot_view(int(slot)), dtype=np.uint8)
 
+    def slot_checksum(self, slot: int) -> int:
+        """XXH64 of the slot's bytes (the core's hash, as HostCache's checksum mode)."""
+        return self._core.slot_checksum(int(slot))
+
+    def block_checksum(self, block: int) -> int:
+        """XXH64 of a device block's bytes, read back synchronously and hashed like a slot."""
+        return self._core.block_checksum(int(block))
+
     def stats(self) -> dict:
         return self._core.stats()

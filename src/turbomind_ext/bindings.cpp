@@ -198,6 +198,13 @@ void bind_tier_index(py::module_& m) {
           },
           py::arg("slots"))
       .def(
+          "drop",
+          [](TierIndex& ix, U32s slots) {
+            require_1d(slots, "slots");
+            ix.drop(slots.data(), static_cast<size_t>(slots.size()));
+          },
+          py::arg("slots"))
+      .def(
           "reserve",
           [](TierIndex& ix, uint64_t parent, uint64_t ns, Tokens tokens) {
             if (tokens.size() != ix.block_tokens())

@@ -39,6 +39,20 @@ void TierIndex::release(const uint32_t* slots, size_t n) {
   for (size_t i = 0; i < n; ++i) index_.unpin(slots[i]);
 }
 
+void TierIndex::drop(const uint32_t* slots, size_t n) {
+  std::unordered_map<uint32_t, uint32_t> need;
+  for (size_t i = 0; i < n; ++i) {
+    HC_REQUIRE(slots[i] < index_.capacity(), "drop of slot ", slots[i], " outside the index of ", index_.capacity(),
+               " slots");
+    HC_REQUIRE(index_.pins(slots[i]) > need[slots[i]]++, "drop of slot ", slots[i], " that no match pinned");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    index_.discard(slots[i]);
+    counters_.discarded++;
+    index_.unpin(slots[i]);
+  }
+}
+
 InsertResult TierIndex::reserve(uint64_t parent, uint64_t ns, const int32_t* block_tokens) {
   const InsertResult r = index_.insert(parent, ns, block_tokens);
   if (r.status == InsertStatus::kExists || r.status == InsertStatus::kPending) counters_.saves_existing++;

@@ -48,6 +48,10 @@ class TierIndex {
   std::vector<MatchStep> match(uint64_t parent, uint64_t ns, const int32_t* tokens, size_t n, bool pin);
   // Drops the pins of matched slots no restore took over. Validated first.
   void release(const uint32_t* slots, size_t n);
+  // Forgets matched slots whose bytes were found wrong before any restore
+  // took them over (a checksum that no longer matches), and drops their
+  // match pins. Validated first, like release().
+  void drop(const uint32_t* slots, size_t n);
 
   // A save's slot for one block under parent: kCreated (pending and pinned
   // until saved()), kExists/kPending (already stored or being stored),

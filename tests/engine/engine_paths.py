@@ -31,15 +31,13 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import tiny_model  # noqa: E402
-from balance import balance_problems  # noqa: E402
-from turns import _generate, close_and_exit, make_plan, on_engine_loop, prompt_ids, write_json  # noqa: E402
+from turns import _generate, balance_when_idle, close_and_exit, make_plan, on_engine_loop, prompt_ids, write_json  # noqa: E402,E501
 
 PREEMPTIONS = {"count": 0}
 
@@ -121,19 +119,7 @@ class Runner:
 
     def balance(self, timeout: float = 60.0) -> list[str]:
         """Waits until the scheduler has nothing left, then checks balance on the engine's loop."""
-        from lmdeploy_patch.scheduler_tier import tier_of
-
-        scheduler = self.engine.engine.scheduler
-
-        async def check():
-            deadline = time.monotonic() + timeout
-            while scheduler.has_unfinished() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if scheduler.has_unfinished():
-                return [f"scheduler still has unfinished sequences after {timeout} s"]
-            return balance_problems(scheduler, tier_of(scheduler))
-
-        return self.call(check())
+        return self.call(balance_when_idle(self.engine.engine.scheduler, timeout))
 
     def host_metrics(self) -> dict:
         m = self.call(self.engine.get_schedule_metrics())

@@ -17,7 +17,8 @@ each reply is resent in the next turn as the assistant message. Then
 reference), on `on` all at once, one thread per client, each streaming its
 turns as fast as the server answers. Then the `on` server's /metrics, read
 until LMDeploy's periodic statistics update has caught up with the last
-request.
+request. Then, on both servers, a conversation and a completion prompt under
+cache salts a, a, b, none, none, and salts each endpoint must refuse.
 """
 from __future__ import annotations
 
@@ -101,6 +102,54 @@ def ask(client, messages: list, max_tokens: int) -> dict:
     return {"reply": reply, "finish_reason": finish, "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": int(getattr(details, "cached_tokens", 0) or 0)}
+
+
+def salted(base: str, max_tokens: int) -> dict:
+    """One new conversation and one new completion prompt, each sent under
+    salts a, a, b, none, none; and salts the server must refuse."""
+    from openai import BadRequestError
+
+    client = client_for(base)
+    messages = [{"role": "system", "content": text(100, 90001)}, {"role": "user", "content": text(250, 90002)}]
+    prompt = text(300, 90003)
+    order = ["a", "a", "b", None, None]
+    out: dict = {"chat": [], "completions": [], "refused": []}
+    for salt in order:
+        extra = {"cache_salt": salt} if salt is not None else {}
+        stream = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=max_tokens,
+                                                temperature=0.0, stream=True, stream_options={"include_usage": True},
+                                                extra_body=extra)
+        reply, usage = "", None
+        for chunk in stream:
+            if chunk.choices:
+                reply += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+        out["chat"].append({"salt": salt, "reply": reply, "cached_tokens": _cached(usage),
+                            "prompt_tokens": usage.prompt_tokens})
+        done = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                         extra_body=extra)
+        # LMDeploy's /v1/completions reports no cached tokens: test_api_server reads them from /metrics
+        out["completions"].append({"salt": salt, "text": done.choices[0].text,
+                                   "prompt_tokens": done.usage.prompt_tokens})
+    for endpoint in ("chat", "completions"):
+        for bad in (7, "", "s" * 1025, ["a"]):
+            try:
+                if endpoint == "chat":
+                    client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=1,
+                                                   extra_body={"cache_salt": bad})
+                else:
+                    client.completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                              extra_body={"cache_salt": bad})
+                out["refused"].append({"endpoint": endpoint, "bad": repr(bad)[:20], "status": 200})
+            except BadRequestError as e:
+                out["refused"].append({"endpoint": endpoint, "bad": repr(bad)[:20], "status": e.status_code,
+                                       "message": str(e)[:300]})
+    return out
+
+
+def _cached(usage) -> int:
+    details = getattr(usage, "prompt_tokens_details", None)
+    return int(getattr(details, "cached_tokens", 0) or 0)
 
 
 def client_for(base: str):
@@ -208,6 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:  # the tests report it with what was answered
             result["metrics_error"] = str(e)
         result["metrics_ref"] = metric_values(procs["ref"][1])
+        for k, (_, base) in procs.items():  # after the metrics: its requests are not in their sums
+            result[f"{k}_salted"] = salted(base, a.max_tokens)
+        if "metrics" in result:
+            sent = sum(r["prompt_tokens"] for phase in ("chat", "completions") for r in result["on_salted"][phase])
+            try:
+                result["metrics_salted"] = settled_metrics(on_base, result["metrics"]["lmdeploy:prompt_tokens_total"]
+                                                           + sent)
+            except RuntimeError as e:
+                result["metrics_error"] = str(e)
     finally:
         for proc, _ in procs.values():
             stop_tree(proc, grace=20)

@@ -129,3 +129,37 @@ def test_lmdeploy_chat_with_the_host_cache_flags(tiny_model_dir):
     assert "exiting..." in r.stdout, out[-3000:]
     assert "host cache on:" in out and "write policy write_back" in out, out[-3000:]
     assert r.stdout.count("double enter to end input") == 3, r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("server", ["ref", "on"])
+def test_cache_salt_partitions_what_requests_share(served, server):
+    """`cache_salt` in the request body (openai's extra_body): a salt shares
+    with itself, no salt with no salt, and a new salt is served nothing
+    cached (its TTFT reveals nothing); replies are equal under every salt."""
+    res = served[f"{server}_salted"]
+    got = res["chat"]
+    cached = [(r["salt"], r["cached_tokens"]) for r in got]
+    full = (got[0]["prompt_tokens"] - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert full > 0 and cached == [("a", 0), ("a", full), ("b", 0), (None, 0), (None, full)], cached
+    for endpoint, answer in (("chat", "reply"), ("completions", "text")):
+        assert len({r[answer] for r in res[endpoint]}) == 1, res[endpoint]
+
+
+def test_completions_share_only_within_a_salt(served):
+    """/v1/completions reports no cached tokens in its usage (LMDeploy), so
+    the server's own counter is read around the phase: the five requests (a,
+    a, b, none, none) were served exactly two prompts' worth of full blocks,
+    the second a and the second none. Were salts ignored, b and the first
+    none would have been served too."""
+    res, before, after = served["on_salted"], served["metrics"], served["metrics_salted"]
+    chat = sum(r["cached_tokens"] for r in res["chat"])
+    completions = after["lmdeploy:cached_tokens_total"] - before["lmdeploy:cached_tokens_total"] - chat
+    full = (res["completions"][0]["prompt_tokens"] - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert full > 0 and completions == 2 * full, (completions, full)
+
+
+def test_a_bad_cache_salt_is_a_400_naming_the_field(served):
+    refused = served["on_salted"]["refused"]
+    assert len(refused) == 8
+    for r in refused:
+        assert r["status"] == 400 and "cache_salt" in r["message"], r

@@ -3,7 +3,7 @@ multi-turn plan under greedy decoding; writes what it generated as JSON.
 
     python tests/engine/turns.py --model DIR --out FILE.json [--quant-policy 4]
         [--gpu-blocks 32] [--host-cache-ratio 8] [--write-policy write_back]
-        [--concurrent] [--fault corrupt-restores]
+        [--concurrent] [--fault corrupt-restores] [--faults SPEC] [--verify] [--balance]
 
 Used by test_engine_turns.py, one process per engine configuration (a fresh
 interpreter each: no engine state, CUDA context, patch or shim state leaks
@@ -38,7 +38,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tests/: balance.py
 
 import tiny_model  # noqa: E402
 
@@ -115,12 +115,40 @@ def corrupt_restores() -> None:
     rank_tier.WorkerTier.before_model = corrupted
 
 
+def _record_hostcache_log() -> list[str]:
+    """The tier's log lines of this process, as said."""
+    import logging
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logging.getLogger("lmdeploy_hostcache").addHandler(Keep())
+    return said
+
+
+async def balance_when_idle(scheduler, timeout: float = 60.0) -> list[str]:
+    """Once the scheduler has nothing left: tests/balance.py's problems (none when balanced)."""
+    from balance import balance_problems
+    from lmdeploy_patch.scheduler_tier import tier_of
+
+    deadline = time.monotonic() + timeout
+    while scheduler.has_unfinished() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if scheduler.has_unfinished():
+        return [f"scheduler still has unfinished sequences after {timeout} s"]
+    return balance_problems(scheduler, tier_of(scheduler))
+
+
 def engine_config(args: argparse.Namespace):
     from lmdeploy import PytorchEngineConfig
 
     extra = {}
     if args.host_cache_ratio > 0:
-        extra = dict(host_cache_ratio=args.host_cache_ratio, host_cache_write_policy=args.write_policy)
+        extra = dict(host_cache_ratio=args.host_cache_ratio, host_cache_write_policy=args.write_policy,
+                     host_cache_verify=args.verify)
     return PytorchEngineConfig(session_len=4096, max_batch_size=8, block_size=64, num_gpu_blocks=args.gpu_blocks,
                                enable_prefix_caching=True, quant_policy=args.quant_policy, eager_mode=args.eager,
                                **extra)
@@ -135,6 +163,9 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
 
     if args.fault == "corrupt-restores":
         corrupt_restores()
+    if args.faults:  # read by each rank as it builds its pool (lmdeploy_patch/faults.py); the ranks are in this process
+        os.environ["HOSTCACHE_FAULTS"] = args.faults
+    said = _record_hostcache_log()
     tok = AutoTokenizer.from_pretrained(args.model)
     special = {s: tok.convert_tokens_to_ids(s) for s in tiny_model.SPECIAL}
     plan = make_plan(tiny_model.word_ids(tok), args.sessions, args.turns, args.seed, args.max_new_tokens)
@@ -164,6 +195,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     t_done = time.perf_counter()
     # The API server's path (AsyncEngine -> Engine.get_schedule_metrics), on the engine's loop.
     metrics = _metrics(call(engine.get_schedule_metrics()))
+    problems = call(balance_when_idle(engine.engine.scheduler)) if args.balance else None
     try:
         import lmdeploy_patch
 
@@ -173,8 +205,9 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     result = {
         "config": {k: getattr(args, k) for k in ("quant_policy", "gpu_blocks", "host_cache_ratio", "write_policy",
                                                  "sessions", "turns", "max_new_tokens", "eager", "concurrent",
-                                                 "fault", "fixed_replies")},
+                                                 "fault", "fixed_replies", "faults", "verify")},
         "lmdeploy": lmdeploy.__version__, "patch": patch, "metrics": metrics, "turns": turns,
+        "balance_problems": problems, "hostcache_log": said,
         "seconds": {"import_and_build": round(t_built - t0, 2), "requests": round(t_done - t_built, 2)},
     }
     return result, pipe
@@ -195,11 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager", action="store_true", help="eager_mode=True (no CUDA graphs)")
     p.add_argument("--concurrent", action="store_true", help="a turn's requests of all sessions in flight together")
     p.add_argument("--fault", choices=["corrupt-restores"], default=None, help="test-only fault (negative control)")
+    p.add_argument("--faults", default="", help="test-only injected faults (HOSTCACHE_FAULTS, lmdeploy_patch/faults.py)")
+    p.add_argument("--verify", action="store_true", help="host_cache_verify=True")
+    p.add_argument("--balance", action="store_true", help="check allocator and host-slot balance at the end")
     p.add_argument("--fixed-replies", action="store_true",
                    help="resend the plan's fixed replies, not the generated ones: the prompts then do not depend on "
                         "what was generated (GPU runs whose numerics depend on the batch)")
     p.add_argument("--request-timeout", type=float, default=120.0)
     args = p.parse_args(argv)
+    run_and_exit(run, args, lambda result: {k: result[k] for k in ("config", "metrics", "seconds")})
+
+
+def run_and_exit(run, args: argparse.Namespace, summary) -> None:
+    """run(args) -> (result, pipeline): the result written to args.out, its
+    summary printed, the process gone (a traceback and exit 1 if run failed)."""
     try:
         result, pipe = run(args)
     except BaseException:  # engine threads may be alive: leave at once, with the traceback
@@ -208,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(1)
     write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("config", "metrics", "seconds")}), flush=True)
+    print(json.dumps(summary(result)), flush=True)
     close_and_exit(pipe)
 
 

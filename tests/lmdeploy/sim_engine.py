@@ -57,11 +57,12 @@ class SimStats:
 class SimEngine:
     def __init__(self, num_gpu_blocks: int, host_slots: int = 0, block_size: int = 16, layers: int = 2,
                  row_bytes: int = 8, policy: str = "write_through", max_batches: int = 4,
-                 deterministic: bool = True, ranks: int = 1):
+                 deterministic: bool = True, ranks: int = 1, verify: bool = False):
         self.block_bytes = layers * block_size * row_bytes
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, policy,
                                          self.block_bytes, logical_clock=deterministic)
         cc = self.scheduler.cache_config
+        cc.host_cache_verify = verify  # read by the ranks built below (their ledgers check the bytes)
         self.loop = EngineLoop(self.scheduler, lambda batch, plan, prefill, host_tokens: self.forward(batch, plan))
         self.tier = self.loop.tier
         if self.tier is not None:  # sessions stay open between turns here: their stopped tails pay

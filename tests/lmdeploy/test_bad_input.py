@@ -11,6 +11,9 @@ import pytest
 pytest.importorskip("lmdeploy")
 
 TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "bad_input.md")
+KINDS = ("config", "generation", "http", "cli", "env")
+# The request fields this project adds (cache_salt.py), each in `generation` and `http` rows.
+REQUEST_FIELDS = ("cache_salt",)
 
 
 def rows() -> list[tuple[str, str, str, str]]:
@@ -21,7 +24,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     assert lines[0].startswith("| kind |") and set(lines[1]) <= set("|- "), lines[:2]
     for line in lines[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        assert len(cells) == 5 and cells[0] in ("config", "cli", "env"), f"bad row in {TABLE}: {line}"
+        assert len(cells) == 5 and cells[0] in KINDS, f"bad row in {TABLE}: {line}"
         kind, name, _, bad, error = (c.strip("`") for c in cells)
         assert name and bad and error, f"a row without its name, bad value or error: {line}"
         out.append((kind, name, bad, error))
@@ -37,6 +40,9 @@ def test_the_table_covers_every_setting_and_flag():
 
     names = {name for _, name, _, _ in ROWS}
     assert set(HOST_CACHE_FIELDS) <= names, set(HOST_CACHE_FIELDS) - names
+    for kind in ("generation", "http"):
+        fields = {name for k, name, _, _ in ROWS if k == kind}
+        assert fields == set(REQUEST_FIELDS), (kind, fields)
     flags = {flag for flag in HELP if flag != "--host-cache"}  # the switch takes no value
     assert flags <= names, flags - names
     # every environment variable the package reads with a value to check
@@ -56,7 +62,49 @@ def test_the_table_covers_every_setting_and_flag():
 def _value(text: str):
     if text.startswith("float("):
         return float(ast.literal_eval(text[len("float("):-1]))
+    repeated = re.fullmatch(r'("[^"]*") \* (\d+)', text)  # "s" * 1025
+    if repeated:
+        return ast.literal_eval(repeated.group(1)) * int(repeated.group(2))
     return ast.literal_eval(text)
+
+
+@pytest.mark.parametrize("name,bad,error", [(n, b, e) for k, n, b, e in ROWS if k == "generation"],
+                         ids=[f"{n}={b}" for k, n, b, _ in ROWS if k == "generation"])
+def test_generation_rows(name, bad, error):
+    from lmdeploy import GenerationConfig
+
+    with pytest.raises(ValueError) as info:
+        GenerationConfig(**{name: _value(bad)})
+    assert str(info.value).startswith(error), str(info.value)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("name,bad,error", [(n, b, e) for k, n, b, e in ROWS if k == "http"],
+                         ids=[f"{n}={b}" for k, n, b, _ in ROWS if k == "http"])
+def test_http_rows(path, name, bad, error):
+    """LMDeploy's request models and its API server's validation handler,
+    behind FastAPI, as `lmdeploy serve api_server` wires them (without an
+    engine: a valid body reaches a stub that echoes the field)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.testclient import TestClient
+    from lmdeploy.serve.openai import api_server, protocol
+
+    app = FastAPI()
+    for route, model in (("/v1/chat/completions", protocol.ChatCompletionRequest),
+                         ("/v1/completions", protocol.CompletionRequest)):
+        async def endpoint(request):
+            return {name: getattr(request, name)}
+
+        endpoint.__annotations__ = {"request": model}  # a class, not this module's postponed annotation text
+        app.post(route)(endpoint)
+    app.add_exception_handler(RequestValidationError, api_server.validation_exception_handler)
+    body = {"model": "m", **({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})}
+    with TestClient(app) as client:
+        refused = client.post(path, json={**body, name: _value(bad)})
+        accepted = client.post(path, json={**body, name: "tenant-a"})
+    assert refused.status_code == 400 and refused.json()["message"].startswith(error), refused.text
+    assert accepted.status_code == 200 and accepted.json() == {name: "tenant-a"}
 
 
 @pytest.mark.parametrize("cls_name", ["PytorchEngineConfig", "TurbomindEngineConfig"])
@@ -88,10 +136,10 @@ def test_cli_rows(cli_parser, capsys, command, name, bad, error):
 @pytest.mark.parametrize("name,bad,error", [(n, b, e) for k, n, b, e in ROWS if k == "env"],
                          ids=[f"{n}={b}" for k, n, b, _ in ROWS if k == "env"])
 def test_env_rows(monkeypatch, name, bad, error):
-    from lmdeploy_patch import rank_tier, settings
+    from lmdeploy_patch import faults, rank_tier, settings
 
     reader = {"HOSTCACHE_RAM_RESERVE_GIB": settings.ram_reserve_bytes, "HOSTCACHE_PIN": rank_tier.pin_mode,
-              "HOSTCACHE_COPY_PATH": rank_tier.copy_path}[name]
+              "HOSTCACHE_COPY_PATH": rank_tier.copy_path, "HOSTCACHE_FAULTS": faults.from_env}[name]
     monkeypatch.setenv(name, bad)
     with pytest.raises(ValueError) as info:
         reader()

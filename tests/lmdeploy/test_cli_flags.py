@@ -13,7 +13,7 @@ from lmdeploy_patch.cli_flags import TURBOMIND_FLAG_ERROR  # noqa: E402
 from lmdeploy_patch.settings import DEFAULT_HOST_CACHE_RATIO, HOST_CACHE_FIELDS  # noqa: E402
 
 FLAGS = ["--host-cache", "--host-cache-ratio", "--host-cache-size", "--host-cache-write-policy",
-         "--host-cache-restore-policy"]
+         "--host-cache-restore-policy", "--host-cache-verify"]
 
 
 def host_values(ns):
@@ -177,7 +177,7 @@ def test_api_server_builds_pytorch_config_with_values(cli_parser, tmp_path, capt
                                                       hostcache_log):
     asked = autoget_backend("turbomind")
     run_api_server(cli_parser, tmp_path, "--host-cache", "--host-cache-write-policy", "write_through_selective",
-                   "--host-cache-restore-policy", "never", "--quant-policy", "4")
+                   "--host-cache-restore-policy", "never", "--host-cache-verify", "--quant-policy", "4")
     (args, kwargs), = captured_serve
     config = kwargs["backend_config"]
     assert kwargs["backend"] == "pytorch" and type(config) is PytorchEngineConfig
@@ -186,7 +186,7 @@ def test_api_server_builds_pytorch_config_with_values(cli_parser, tmp_path, capt
 
     assert isinstance(config.host_cache_ratio, DefaultRatio)  # --host-cache's ratio: shrinks to fit
     assert config.host_cache_write_policy == "write_through_selective"
-    assert config.host_cache_restore_policy == "never"
+    assert config.host_cache_restore_policy == "never" and config.host_cache_verify is True
     assert config.host_cache_size is None and config.quant_policy == QuantPolicy.INT4
     assert asked == []  # the tier decided the backend; LMDeploy's auto-selection was not needed
     assert len(hostcache_log()) == 1 and "TurboMind" in hostcache_log()[0]

@@ -25,9 +25,9 @@ from lmdeploy_patch.settings import (  # noqa: E402
 
 ENGINE_CONFIGS = [PytorchEngineConfig, TurbomindEngineConfig]
 DEFAULTS = {"host_cache_ratio": 0.0, "host_cache_size": None, "host_cache_write_policy": "write_through",
-            "host_cache_restore_policy": "auto"}
+            "host_cache_restore_policy": "auto", "host_cache_verify": False}
 SET = {"host_cache_ratio": 2.5, "host_cache_size": 0.25, "host_cache_write_policy": "write_back",
-       "host_cache_restore_policy": "never"}
+       "host_cache_restore_policy": "never", "host_cache_verify": True}
 
 
 def values(cfg):
@@ -77,6 +77,8 @@ BAD_VALUES = [
     ({"host_cache_write_policy": None}, ValueError, ["host_cache_write_policy", "write_back"]),
     ({"host_cache_restore_policy": "sometimes"}, ValueError, ["host_cache_restore_policy", "auto, always, never"]),
     ({"host_cache_restore_policy": None}, ValueError, ["host_cache_restore_policy", "auto, always, never"]),
+    ({"host_cache_verify": "yes"}, ValueError, ["host_cache_verify", "True or False", "str"]),
+    ({"host_cache_verify": 1}, ValueError, ["host_cache_verify", "True or False", "int"]),
 ]
 
 
@@ -146,7 +148,7 @@ def test_repr_shows_fields_only_when_on(cls):
     assert "host_cache" not in repr(cls())
     text = repr(cls(host_cache_ratio=2.0))
     assert text.endswith("host_cache_ratio=2.0, host_cache_size=None, host_cache_write_policy='write_through', "
-                         "host_cache_restore_policy='auto')")
+                         "host_cache_restore_policy='auto', host_cache_verify=False)")
 
 
 def test_unknown_keyword_still_refused_by_pytorch_config():

@@ -194,9 +194,14 @@ class _FakeTransfer:
 
 
 class _FakeStore:
+    num_slots = 16
+
     def __init__(self):
         self.log, self.n = [], 0
         self.pin = {"register_error": "", "pin_error": ""}
+
+    def slot_checksum(self, slot):
+        return 0
 
     def stats(self):
         return dict(self.pin)

@@ -1,0 +1,193 @@
+"""What one rank knows of the bytes in its host slots, shared with the
+scheduler in the same process.
+
+The scheduler settles a save the moment it plans it (tier_index.h): a slot
+is matchable before its copy ran, which is right while copies succeed. The
+ledger is what keeps that right when one fails, and what verification
+(host_cache_verify) reads:
+
+- per slot, how many saves the scheduler planned into it and how many this
+  rank carried out (queued, or copied by the fallback path): a slot whose
+  latest save has not reached the rank holds older bytes;
+- the saves not yet seen complete, with their source blocks: one that failed
+  after it was queued is redone from its block (rank_tier.WorkerTier says
+  why the block is still intact then) before anything reads the slot;
+- with verification on, each slot's checksum (the core's XXH64), taken from
+  the slot when its save is seen complete: a later mismatch means the bytes
+  changed in host memory;
+- whether the pool became unusable (`lost`): both copy paths failed, or it
+  could not be built again after a sleep.
+
+The scheduler side asks `check` before it pins a host hit
+(scheduler_tier.HostTier.continue_match) and marks `planned` saves; the rank
+side (rank_tier.WorkerTier) records what it queued and settles. Ledgers are
+found by the id of the engine's cache config, as rank_tier's figures are:
+only ranks in the scheduler's process have one it can read.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+# check() outcomes for the first slot that cannot be served
+UNCONFIRMED = "unconfirmed"  # verification on: its save has not completed (or not reached the rank) yet
+MISMATCH = "mismatch"        # verification on: its bytes no longer match their checksum
+LOST = "lost"                # the pool is unusable
+
+
+class SlotLedger:
+    def __init__(self, num_slots: int, verify: bool, checksum: Callable[[int], int],
+                 repair: Callable[[np.ndarray, np.ndarray], None],
+                 on_saved: Optional[Callable[[np.ndarray], None]] = None):
+        self.verify = verify
+        self._checksum = checksum  # slot -> XXH64 of its bytes
+        self._repair = repair      # (slots, blocks): redo saves by another path; raises if it cannot
+        self._on_saved = on_saved  # (slots): saves seen complete (faults.py strikes here)
+        self._planned = np.zeros(num_slots, dtype=np.int64)
+        self._carried = np.zeros(num_slots, dtype=np.int64)
+        self._sums = np.zeros(num_slots, dtype=np.uint64)
+        self._summed = np.zeros(num_slots, dtype=bool)  # _sums holds the latest save's bytes
+        # (transfer, slots, blocks, each slot's save count with this save): saves not yet seen complete
+        self._in_flight: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.lost: Optional[str] = None
+        self.watched = False  # a scheduler in this process reads this ledger
+        self.counts = {"copy_failures": 0, "copies_redone": 0, "restore_mismatches": 0}
+        # The scheduler's match and the rank's forward may run on different threads.
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def unusable(reason: str) -> "SlotLedger":
+        """The ledger of a rank whose pool could not be built."""
+        ledger = SlotLedger(0, False, lambda s: 0, lambda s, b: None)
+        ledger.lost = reason
+        return ledger
+
+    # ----- scheduler side
+
+    def planned(self, slot: int) -> None:
+        with self._lock:
+            if slot < len(self._planned):
+                self._planned[slot] += 1
+
+    def check(self, slots: np.ndarray) -> tuple[int, str]:
+        """How many of `slots` (a matched prefix, in order) can be restored
+        as they are, and why the next one cannot ('' when all can). With
+        verification on, waits for saves into them that are in flight."""
+        with self._lock:
+            if self.lost:
+                return 0, LOST
+            if not self.verify or not len(slots):
+                return len(slots), ""
+            self.settle(wait_for=slots)
+            if self.lost:
+                return 0, LOST
+            for i, s in enumerate(np.asarray(slots).tolist()):
+                if self._carried[s] < self._planned[s] or not self._summed[s]:
+                    return i, UNCONFIRMED
+                if self._checksum(s) != int(self._sums[s]):
+                    return i, MISMATCH
+            return len(slots), ""
+
+    # ----- rank side
+
+    def submitted(self, transfer: Any, slots: np.ndarray, blocks: np.ndarray) -> None:
+        """A save from `blocks` into `slots` was queued."""
+        with self._lock:
+            np.add.at(self._carried, slots, 1)
+            self._summed[slots] = False
+            self._in_flight.append((transfer, slots, blocks, self._carried[slots].copy()))
+
+    def copied(self, slots: np.ndarray) -> None:
+        """A save into `slots` finished on the fallback path."""
+        with self._lock:
+            np.add.at(self._carried, slots, 1)
+            self._finished(slots)
+
+    def skipped(self, slots: np.ndarray) -> None:
+        """Saves into `slots` the rank did not make (its pool is lost)."""
+        with self._lock:
+            np.add.at(self._carried, slots, 1)
+            self._summed[slots] = False
+
+    def settle(self, wait_for: Any = None, wait_blocks: Any = None, wait_all: bool = False) -> None:
+        """Saves seen complete: checksummed, or redone when they failed.
+        Waits for those writing a slot of `wait_for`, reading a block of
+        `wait_blocks`, or for all."""
+        with self._lock:
+            slots_wanted = set(np.asarray(wait_for).tolist()) if wait_for is not None else set()
+            blocks_wanted = set(np.asarray(wait_blocks).tolist()) if wait_blocks is not None else set()
+            flights, self._in_flight = self._in_flight, []
+            for i, (transfer, slots, blocks, gens) in enumerate(flights):
+                must = (wait_all or not slots_wanted.isdisjoint(slots.tolist())
+                        or not blocks_wanted.isdisjoint(blocks.tolist()))
+                if not must and not transfer.done():
+                    self._in_flight.append(flights[i])
+                    continue
+                # The latest save into a slot owns it: an older one that failed is not redone over it.
+                latest = self._carried[slots] == gens
+                if not transfer.wait():
+                    self.counts["copy_failures"] += 1
+                    if latest.any():
+                        self.redo(slots[latest], blocks[latest], transfer.error)
+                elif latest.any():
+                    self._finished(slots[latest])
+
+    def redo(self, slots: np.ndarray, blocks: np.ndarray, why: str) -> None:
+        """A save failed (`why`): copies it again by the fallback path, or
+        loses the pool when that fails too."""
+        with self._lock:
+            try:
+                self._repair(slots, blocks)
+            except Exception as e:  # noqa: BLE001 - both paths failed: the pool is unusable
+                self.lose(f"a save failed ({why}) and so did its copy by the fallback path ({e})")
+                self._summed[slots] = False
+                return
+            self.counts["copies_redone"] += 1
+            self._finished(slots)
+
+    def transfers(self) -> list[Any]:
+        """The saves in flight (to wait for, without settling them)."""
+        with self._lock:
+            return [f[0] for f in self._in_flight]
+
+    def expected(self, slot: int) -> Optional[int]:
+        """The checksum the slot's bytes had when saved, if taken."""
+        with self._lock:
+            return int(self._sums[slot]) if self._summed[slot] else None
+
+    def lose(self, reason: str) -> None:
+        with self._lock:
+            if self.lost is None:
+                self.lost = reason
+
+    def _finished(self, slots: np.ndarray) -> None:
+        if self.verify:
+            for s in np.asarray(slots).tolist():
+                self._sums[s] = self._checksum(s)
+            self._summed[slots] = True
+        if self._on_saved is not None:
+            self._on_saved(slots)
+
+
+# ----- the ledgers of the ranks in this process, by the id of their engine's cache config
+# (weakly: a ledger lives as long as its rank's WorkerTier, or the agent whose pool failed)
+
+_LEDGERS: dict[int, "weakref.WeakSet[SlotLedger]"] = {}
+
+
+def register(config_id: int, ledger: SlotLedger) -> None:
+    _LEDGERS.setdefault(config_id, weakref.WeakSet()).add(ledger)
+
+
+def unregister(ledger: SlotLedger) -> None:
+    for key, found in list(_LEDGERS.items()):
+        found.discard(ledger)
+        if not found:
+            del _LEDGERS[key]
+
+
+def ledgers(config_id: int) -> list[SlotLedger]:
+    return list(_LEDGERS.get(config_id, ()))
