@@ -1,6 +1,6 @@
 """LMDeploy 0.18.0's real Scheduler, stepped the way its engine loop steps it,
 without a model: the one driver behind the CPU replay (replay.py) and the
-scheduler-side tests (tests/lmdeploy/sim_engine.py).
+scheduler-side tests and the soak (benchmark/sim_engine.py).
 
 A step is what LMDeploy's engine loop does around one forward: schedule
 (admission with prefix matching, or growing the running batch by a token,

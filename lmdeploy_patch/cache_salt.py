@@ -12,11 +12,17 @@ How: the salt's digest (`SaltIdentity`) travels on the request's
 SamplingParam (set where LMDeploy builds it from the generation config,
 hooks/pytorch_messages.py) and is appended to every block's identity, the
 tuple LMDeploy's trie already hashes and compares exactly for multimodal
-content (SchedulerSequence.get_prefix_cache_extra_identity). Blocks of
+content (SchedulerSequence.get_prefix_cache_extra_identity), and to the
+exact identity SSM state checkpoints are verified against
+(block_trie.checkpoint.make_request_multimodal_identity). Blocks of
 different salts are different blocks to the trie, to its exact check after
 a hash hit, and to the host tier, which keys them under a namespace of the
 adapter and the salt (`namespace`). The salt itself stays where the
 request was parsed; only its digest reaches the scheduler.
+
+Where a salt cannot keep requests apart it is refused (hooks/async_engine.py):
+TurboMind with prefix caching, an external KV connector. LMDeploy's
+/generate and /v1/responses endpoints do not take the field.
 """
 from __future__ import annotations
 
@@ -34,6 +40,22 @@ class SaltIdentity(NamedTuple):
 
 
 _EVERYWHERE = (0, 1 << 62)
+
+# A salt names a tenant: a short string. The bound keeps a request from
+# making the server hold and hash megabytes for it.
+SALT_MAX_CHARS = 1024
+SALT_RANGE = f"None, or a string of 1 to {SALT_MAX_CHARS} characters"
+
+
+def check_salt(value: object, name: str = "cache_salt") -> Optional[str]:
+    """The salt itself is never echoed: it is a tenant's secret."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be {SALT_RANGE}; got {type(value).__name__}")
+    if not 0 < len(value) <= SALT_MAX_CHARS:
+        raise ValueError(f"{name} must be {SALT_RANGE}; got {len(value)} characters")
+    return value
 
 
 def identity(salt: Optional[str]) -> Optional[SaltIdentity]:

@@ -62,4 +62,8 @@ class FallbackCopier:
         """Overwrites a device block (test-only faults: faults.py)."""
         for region in self._regions:
             region[int(block)].fill_(0xA5)
+        if self.cuda:  # before any copy stream reads the block back
+            import torch
+
+            torch.cuda.synchronize()
 

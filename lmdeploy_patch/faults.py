@@ -1,9 +1,11 @@
 """Test-only fault injection into a rank's host pool: HOSTCACHE_FAULTS.
 
 Off unless the variable is set; only tests set it (tests/engine/test_engine_faults.py,
-tests/lmdeploy/test_faults.py). A comma-separated list of KIND=N: the Nth,
-2Nth, ... event of that kind on a rank fails, so a run that fails can be run
-again the same way; `slow=S` adds S seconds to every copy.
+tests/lmdeploy/test_faults.py, the soak). A comma-separated list of KIND=N:
+the Nth, 2Nth, ... event of that kind in the process fails, so a run that
+fails can be run again the same way; `slow=S` adds S seconds to every copy.
+`copy` is a host-side stand-in for a copy that fails after it was queued,
+which on a GPU is a device fault: a CUDA rank refuses it.
 
   build            the pool's memory cannot be allocated when a rank builds it
   chunk            a copy is refused before it is queued: its host chunk could not be pinned or allocated
@@ -71,9 +73,36 @@ class FaultPlan:
         return True
 
 
+_PLANS: dict[str, FaultPlan] = {}  # one per spec in a process: counts go on across pools built again
+
+
 def from_env() -> Optional[FaultPlan]:
     text = os.environ.get("HOSTCACHE_FAULTS", "")
-    return FaultPlan(parse(text)) if text.strip() else None
+    if not text.strip():
+        return None
+    if text not in _PLANS:
+        _PLANS[text] = FaultPlan(parse(text))
+    return _PLANS[text]
+
+
+def before_build() -> None:
+    """Where a rank builds its pool: `build` strikes here."""
+    plan = from_env()
+    if plan is not None and plan.fires("build"):
+        raise RuntimeError(f"injected fault ({VARIABLE}): the host pool's memory could not be allocated")
+
+
+def inject(worker: Any, scribble_block: Callable[[int], None]) -> None:
+    """A rank's store with the plan's faults (rank_tier.build_worker_tier, once its pool is calibrated)."""
+    plan = from_env()
+    if plan is None:
+        return
+    if worker.cuda and plan.every.get("copy"):
+        raise ValueError(f"{VARIABLE}: copy=N is a host-side stand-in for a failed copy, which on a GPU is a "
+                         "device fault; leave it out on a GPU")
+    store = FaultyStore(worker.store, plan, scribble_block)
+    worker.store = store
+    worker.ledger._on_saved = store.after_save
 
 
 class _Refused:

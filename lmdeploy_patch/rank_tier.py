@@ -103,8 +103,7 @@ class WorkerTier:
         # engine refuses fails the forward, as before the ledger.
         self.fallback = fallback
         self.verify = verify
-        self.ledger = SlotLedger(store.num_slots, verify, store.slot_checksum,
-                                 self._redo_saves, self._saved)
+        self.ledger = SlotLedger(store.num_slots, verify, store.slot_checksum, self._redo_saves, cuda=cuda)
         self._checking: list[tuple[Any, np.ndarray, np.ndarray]] = []  # this forward's restores, checked before the model
         # id() of the cache config it was built from: the scheduler of the
         # same engine holds the same object (the single-GPU executor), so an
@@ -187,10 +186,9 @@ class WorkerTier:
 
     def _redo_saves(self, slots: np.ndarray, blocks: np.ndarray, fatal: bool = True) -> None:
         """Saves by the fallback path (the ledger's repair, or a refused
-        save). Their blocks still hold what the failed save was to copy: a
-        failed save is settled before any copy or forward of a later plan
-        can write its block (before_model). When this fails too the pool is
-        unusable: the ledger is lost, the scheduler stops using it."""
+        save), from blocks that still hold what the failed save was to copy
+        (before_model says why). When this fails too the pool is unusable:
+        the ledger is lost, the scheduler stops using it."""
         try:
             self._quiesce()
             self.fallback.save(slots, blocks)
@@ -223,10 +221,6 @@ class WorkerTier:
                                "host memory or the device is failing") from e
         self.ledger.counts["copies_redone"] += 1
 
-    def _saved(self, slots: np.ndarray) -> None:
-        if isinstance(self.store, faults.FaultyStore):
-            self.store.after_save(slots)
-
     def _submit(self, transfer) -> None:
         self._submits += 1
         if self._submits % 32 == 1:
@@ -238,6 +232,18 @@ class WorkerTier:
             pending[:] = [t for t in pending if not t.done()] + [transfer]
 
     def before_model(self, plan: Optional[HostCopyPlan], stream: Any) -> None:
+        """This forward's pre saves and restores, and what the model waits for.
+
+        Why a save that failed after it was queued (CPU copies) can be redone
+        from its block, and is redone before anything reads its slot: a save's
+        block is written only by a later forward's model (after an eviction
+        freed it: the model then waits for every save, and they are settled
+        after that wait, below) or by a later plan's restore (saves sharing a
+        slot or block with this plan's restores are waited for and settled
+        before those restores are queued). Pre saves are waited for before
+        this model. So each failed save is seen while its block still holds
+        what it was to copy, and before a restore reads its slot. (A GPU
+        orders its copies on the device: there such a failure is raised.)"""
         # Without a plan (warmup, a forward LMDeploy built itself) nothing is
         # known about block reuse: wait for everything, as before the tier.
         wait_saves = plan is None or plan.wait_saves
@@ -248,13 +254,15 @@ class WorkerTier:
                 self.blocks_saved += len(plan.pre_slots)
                 wait_saves = True
             if len(plan.restore_slots):
-                if not self.cuda:
-                    # A save that failed after it was queued is redone from its
-                    # block, which a restore of this plan may overwrite, into the
-                    # slot a restore may read: settle those first (the store would
-                    # order the restore behind them anyway). On a GPU such a
-                    # failure is a device fault and the forward fails with it.
+                if not self.cuda:  # (the docstring) the store would order these restores behind them anyway
                     self.ledger.settle(wait_for=plan.restore_slots, wait_blocks=plan.restore_blocks)
+                # The scheduler may have matched a slot before its save failed on
+                # both paths (it plans the next forward while this one runs): no
+                # forward may read what such a slot holds.
+                unservable = self.ledger.unservable(plan.restore_slots)
+                if unservable:
+                    raise RuntimeError(f"lmdeploy-hostcache: a planned restore cannot be carried out: {unservable}; "
+                                       "the host memory or the device is failing")
                 # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
                 after = stream if plan.restore_after_forward or stream is None else 0
                 transfer = self._copy("restore", plan.restore_slots, plan.restore_blocks, after)
@@ -315,8 +323,15 @@ class WorkerTier:
     def _verify_restored(self, slots: np.ndarray, blocks: np.ndarray) -> None:
         for slot, block in zip(slots.tolist(), blocks.tolist()):
             expected = self.ledger.expected(slot)
-            if expected is None or self.store.block_checksum(block) == expected:
+            if expected is None:  # the scheduler matched only checksummed slots (slot_ledger.check)
+                raise RuntimeError(f"lmdeploy-hostcache: host slot {slot} was restored without a checksum to check "
+                                   "it against")
+            if self.store.block_checksum(block) == expected:
                 continue
+            if self.store.slot_checksum(slot) != expected:
+                # Checked when matched, changed since: the host memory is failing; copying it again cannot help.
+                raise RuntimeError(f"lmdeploy-hostcache: host slot {slot} changed after it was checked; the host "
+                                   "memory is failing")
             self.ledger.counts["restore_mismatches"] += 1
             log_once(f"a restored block differed from the bytes saved in its host slot (slot {slot}, device block "
                      f"{block}); such blocks are copied again (counted in host_restore_mismatches)")
@@ -448,9 +463,7 @@ def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: in
     """A rank's store: host_cache_slots slots of this rank's block size,
     with its fallback copy path, its ledger (registered for the scheduler in
     this process) and the test-only faults of HOSTCACHE_FAULTS."""
-    plan = faults.from_env()
-    if plan is not None and plan.fires("build"):
-        raise RuntimeError(f"injected fault ({faults.VARIABLE}): the host pool's memory could not be allocated")
+    faults.before_build()
     regions, num_blocks = pool_regions(allocation, blocks_per_logical)
     slot_bytes = sum(r.bytes for r in regions)
     stride = slot_stride(slot_bytes)
@@ -475,8 +488,7 @@ def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: in
 
         stream = torch.cuda.current_stream()
     worker.calibrate_restore(num_blocks, stream)
-    if plan is not None:  # after calibration: its copies are no serving copies
-        worker.store = faults.FaultyStore(store, plan, fallback.scribble)
+    faults.inject(worker, fallback.scribble)  # test-only; after calibration: its copies are no serving copies
     slot_ledger.register(worker.config_id, worker.ledger)
     return worker
 

@@ -13,7 +13,7 @@ HOOK_MODULES = (
     "scheduler", "block_trie_node", "block_trie", "prefill_scheduler", "seq_states",  # scheduler side
     "executor_base", "inputs_maker", "model_agent", "engine",    # pool sizing, plans, rank stores
     "metrics_stats", "metrics_loggers",                          # /metrics
-    "pytorch_messages", "serve_protocol", "async_engine",        # cache_salt: per-request cache namespaces
+    "pytorch_messages", "block_trie_checkpoint", "serve_protocol", "async_engine",  # cache_salt
 )
 
 

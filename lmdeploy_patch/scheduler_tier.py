@@ -405,7 +405,7 @@ class HostTier:
                            "%d block(s) dropped from the host cache, recomputed from token %d", int(rest[0]),
                            seq.seq_id, getattr(seq, "session_id", "?"), len(rest),
                            start + n * self.block_size)
-        else:
+        else:  # UNCONFIRMED, UNKNOWN or LOST: nothing wrong with the bytes known, they are just not served
             self.index.release(rest)
             if why == slot_ledger.UNCONFIRMED:
                 self.stats.verify_unconfirmed_blocks += len(rest)
@@ -607,7 +607,17 @@ class HostTier:
     def reset(self) -> None:
         """The engine slept: its KV pools were released (and the ranks'
         stores with them) and the weights may change before it wakes. Forget
-        every host entry and everything planned; figures stay cumulative."""
+        every host entry and everything planned; figures stay cumulative.
+
+        LMDeploy 0.18.0 keeps its trie over a sleep, though the pools its
+        blocks lived in are gone (wakeup allocates new ones): no block
+        attached before the sleep is ever saved afterwards (write_back would
+        save it when the trie evicts it), or host memory would serve what
+        the new pools happen to hold. Their keys stay, for blocks computed
+        under them after the wakeup."""
+        for rec in list(_RECORDS.values()):
+            if rec.tier is self:
+                rec.saved = True
         self._evictions_before += self.index.evictions
         self.index = _core.TierIndex(self.index.capacity, self.block_size)
         self._pre, self._post_nodes, self._restores, self._queried, self._tails = [], [], {}, {}, {}

@@ -167,23 +167,6 @@ def check_verify(value: object, name: str = "host_cache_verify") -> bool:
     return value
 
 
-# A request's cache namespace (cache_salt.py): a string, bounded so that a
-# request cannot make the server hash megabytes per block lookup.
-SALT_MAX_CHARS = 1024
-SALT_RANGE = f"None, or a string of 1 to {SALT_MAX_CHARS} characters"
-
-
-def check_salt(value: object, name: str = "cache_salt") -> str | None:
-    """The salt itself is never echoed: it is a tenant's secret."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be {SALT_RANGE}; got {type(value).__name__}")
-    if not 0 < len(value) <= SALT_MAX_CHARS:
-        raise ValueError(f"{name} must be {SALT_RANGE}; got {len(value)} characters")
-    return value
-
-
 def validate_host_cache_values(values: Mapping[str, Any], *, check_ram: bool = True) -> dict[str, Any]:
     """All the fields (missing ones take their defaults), validated and normalised."""
     merged = {**FIELD_DEFAULTS, **values}

@@ -9,9 +9,13 @@ ledger is what keeps that right when one fails, and what verification
 - per slot, how many saves the scheduler planned into it and how many this
   rank carried out (queued, or copied by the fallback path): a slot whose
   latest save has not reached the rank holds older bytes;
-- the saves not yet seen complete, with their source blocks: one that failed
-  after it was queued is redone from its block (rank_tier.WorkerTier says
-  why the block is still intact then) before anything reads the slot;
+- the saves not yet seen complete, with their source blocks: on CPU copies,
+  one that failed after it was queued is redone from its block before
+  anything reads the slot or overwrites the block (the order is argued once,
+  in rank_tier.WorkerTier.before_model); on a GPU such a failure is a device
+  fault and is raised;
+- which slots hold no good bytes because their latest save failed on both
+  paths or was skipped (`failed`): a rank never restores from one;
 - with verification on, each slot's checksum (the core's XXH64), taken from
   the slot when its save is seen complete: a later mismatch means the bytes
   changed in host memory;
@@ -34,6 +38,7 @@ import numpy as np
 
 # check() outcomes for the first slot that cannot be served
 UNCONFIRMED = "unconfirmed"  # verification on: its save has not completed (or not reached the rank) yet
+UNKNOWN = "unknown"          # the ledger never heard of the slot: its store was built again under a kept index
 MISMATCH = "mismatch"        # verification on: its bytes no longer match their checksum
 LOST = "lost"                # the pool is unusable
 
@@ -41,21 +46,27 @@ LOST = "lost"                # the pool is unusable
 class SlotLedger:
     def __init__(self, num_slots: int, verify: bool, checksum: Callable[[int], int],
                  repair: Callable[[np.ndarray, np.ndarray], None],
-                 on_saved: Optional[Callable[[np.ndarray], None]] = None):
+                 on_saved: Optional[Callable[[np.ndarray], None]] = None, cuda: bool = False):
         self.verify = verify
+        # A GPU orders copies on the device, not by settling on the host: a
+        # failed save's block may be overwritten before the host sees the
+        # failure, and waiting for a save would stall the scheduler.
+        self.cuda = cuda
         self._checksum = checksum  # slot -> XXH64 of its bytes
         self._repair = repair      # (slots, blocks): redo saves by another path; raises if it cannot
-        self._on_saved = on_saved  # (slots): saves seen complete (faults.py strikes here)
+        self._on_saved = on_saved  # (slots): saves seen complete (test-only faults strike here)
         self._planned = np.zeros(num_slots, dtype=np.int64)
         self._carried = np.zeros(num_slots, dtype=np.int64)
         self._sums = np.zeros(num_slots, dtype=np.uint64)
         self._summed = np.zeros(num_slots, dtype=bool)  # _sums holds the latest save's bytes
+        self._failed = np.zeros(num_slots, dtype=bool)  # the latest save left no good bytes
         # (transfer, slots, blocks, each slot's save count with this save): saves not yet seen complete
         self._in_flight: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = []
         self.lost: Optional[str] = None
         self.watched = False  # a scheduler in this process reads this ledger
         self.counts = {"copy_failures": 0, "copies_redone": 0, "restore_mismatches": 0}
-        # The scheduler's match and the rank's forward may run on different threads.
+        # Re-entrant: the scheduler's check() settles saves, which may run the
+        # rank's repair (and its waits) from inside the lock.
         self._lock = threading.RLock()
 
     @staticmethod
@@ -79,17 +90,34 @@ class SlotLedger:
         with self._lock:
             if self.lost:
                 return 0, LOST
-            if not self.verify or not len(slots):
-                return len(slots), ""
-            self.settle(wait_for=slots)
+            if not len(slots):
+                return 0, ""
+            slots = np.asarray(slots)
+            # A slot this ledger never heard of holds nothing: a store built
+            # again under an index that was kept (a rebuild without a sleep).
+            unknown = np.nonzero((self._planned[slots] == 0) & (self._carried[slots] == 0))[0]
+            first = int(unknown[0]) if len(unknown) else len(slots)
+            if not self.verify:
+                return first, UNKNOWN if first < len(slots) else ""
+            self.settle(wait_for=None if self.cuda else slots)
             if self.lost:
                 return 0, LOST
-            for i, s in enumerate(np.asarray(slots).tolist()):
+            for i, s in enumerate(slots[:first].tolist()):
                 if self._carried[s] < self._planned[s] or not self._summed[s]:
                     return i, UNCONFIRMED
                 if self._checksum(s) != int(self._sums[s]):
                     return i, MISMATCH
-            return len(slots), ""
+            return first, UNKNOWN if first < len(slots) else ""
+
+    def unservable(self, slots: np.ndarray) -> Optional[str]:
+        """Why a restore from `slots` cannot be carried out, or None: one's
+        latest save left no good bytes (both copy paths failed, or it was
+        skipped once the pool was lost) after the scheduler matched it."""
+        with self._lock:
+            bad = np.asarray(slots)[self._failed[np.asarray(slots)]]
+            if len(bad):
+                return f"host slot {int(bad[0])} holds no saved bytes ({self.lost or 'its save failed'})"
+            return None
 
     # ----- rank side
 
@@ -98,6 +126,7 @@ class SlotLedger:
         with self._lock:
             np.add.at(self._carried, slots, 1)
             self._summed[slots] = False
+            self._failed[slots] = False
             self._in_flight.append((transfer, slots, blocks, self._carried[slots].copy()))
 
     def copied(self, slots: np.ndarray) -> None:
@@ -111,6 +140,7 @@ class SlotLedger:
         with self._lock:
             np.add.at(self._carried, slots, 1)
             self._summed[slots] = False
+            self._failed[slots] = True
 
     def settle(self, wait_for: Any = None, wait_blocks: Any = None, wait_all: bool = False) -> None:
         """Saves seen complete: checksummed, or redone when they failed.
@@ -130,6 +160,9 @@ class SlotLedger:
                 latest = self._carried[slots] == gens
                 if not transfer.wait():
                     self.counts["copy_failures"] += 1
+                    if self.cuda:
+                        raise RuntimeError(f"lmdeploy-hostcache: a host-cache save failed on the device "
+                                           f"({transfer.error}): a device fault")
                     if latest.any():
                         self.redo(slots[latest], blocks[latest], transfer.error)
                 elif latest.any():
@@ -144,6 +177,7 @@ class SlotLedger:
             except Exception as e:  # noqa: BLE001 - both paths failed: the pool is unusable
                 self.lose(f"a save failed ({why}) and so did its copy by the fallback path ({e})")
                 self._summed[slots] = False
+                self._failed[slots] = True
                 return
             self.counts["copies_redone"] += 1
             self._finished(slots)
@@ -164,6 +198,7 @@ class SlotLedger:
                 self.lost = reason
 
     def _finished(self, slots: np.ndarray) -> None:
+        self._failed[slots] = False
         if self.verify:
             for s in np.asarray(slots).tolist():
                 self._sums[s] = self._checksum(s)

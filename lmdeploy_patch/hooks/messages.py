@@ -19,7 +19,7 @@ def _on_import(module: Any) -> None:
         from typing import Optional
 
         from ..config_fields import add_checked_field, add_host_cache_fields
-        from ..settings import check_salt
+        from ..cache_salt import check_salt
 
         for name in ("PytorchEngineConfig", "TurbomindEngineConfig"):
             cls = require_attr(module, name, "lmdeploy.messages")

@@ -4,7 +4,7 @@ requests (cache_salt.py).
 Why safe: the field is added to the pydantic models as the module finishes
 importing, before the endpoint modules import them and FastAPI builds its
 request validators from them; the models are rebuilt once. A value that is
-not a string of 1 to settings.SALT_MAX_CHARS characters fails validation,
+not a string of 1 to cache_salt.SALT_MAX_CHARS characters fails validation,
 which LMDeploy's server answers with a 400 naming the field. The endpoints
 build their GenerationConfig from the request's fields that GenerationConfig
 has, which now include cache_salt (hooks/messages.py)."""
@@ -25,7 +25,7 @@ def _on_import(module: Any) -> None:
 
         from pydantic.fields import FieldInfo
 
-        from ..settings import SALT_MAX_CHARS
+        from ..cache_salt import SALT_MAX_CHARS
 
         for name in REQUESTS:
             cls = require_attr(module, name, "lmdeploy.serve.openai.protocol")

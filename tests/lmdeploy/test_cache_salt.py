@@ -1,6 +1,6 @@
 """cache_salt (lmdeploy_patch/cache_salt.py): the request field and the
 generation-config field, and on LMDeploy 0.18.0's real scheduler with the
-host tier (sim_engine.py) requests of different salts never share a block,
+host tier (benchmark/sim_engine.py) requests of different salts never share a block,
 in the GPU prefix trie or in host memory, while requests of one salt (or of
 none) share as before."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("lmdeploy")
 
-from sim_engine import SimEngine  # noqa: E402
+from benchmark.sim_engine import SimEngine  # noqa: E402
 from test_scheduler_tier import assert_balanced  # noqa: E402
 
 
@@ -148,9 +148,31 @@ def test_turbomind_with_prefix_caching_refuses_a_salt():
 
     with pytest.raises(ValueError, match="cache_salt needs the PyTorch engine"):
         AsyncEngine._determine_gen_config(engine("turbomind", True), [1], GenerationConfig(cache_salt="a"))
-    # past the check, LMDeploy's own body runs (and wants a real engine): the check let it through
-    for passes in (engine("turbomind", False), engine("pytorch", True)):
-        with pytest.raises(AttributeError):
-            AsyncEngine._determine_gen_config(passes, [1], GenerationConfig(cache_salt="a"))
-    with pytest.raises(AttributeError):
-        AsyncEngine._determine_gen_config(engine("turbomind", True), [1], GenerationConfig())
+    connector = SimpleNamespace(backend="pytorch", backend_config=SimpleNamespace(
+        kv_transfer_config=SimpleNamespace(kv_connector="mooncake")))
+    with pytest.raises(ValueError, match="external KV connector"):
+        AsyncEngine._determine_gen_config(connector, [1], GenerationConfig(cache_salt="a"))
+    # past the check, LMDeploy's own body runs and asks for the engine's tokenizer: the check let it through
+    for passes, gen in ((engine("turbomind", False), GenerationConfig(cache_salt="a")),
+                        (engine("pytorch", True), GenerationConfig(cache_salt="a")),
+                        (engine("turbomind", True), GenerationConfig())):
+        with pytest.raises(AttributeError, match="tokenizer"):
+            AsyncEngine._determine_gen_config(passes, [1], gen)
+
+
+def test_ssm_checkpoints_check_the_salt_exactly():
+    """SSM state checkpoints are verified against the request's exact
+    identity (block_trie.checkpoint); a salted request's includes its salt,
+    through the trie module's binding too."""
+    import torch
+    from lmdeploy import GenerationConfig
+    from lmdeploy.pytorch.messages import SamplingParam
+    from lmdeploy.pytorch.paging.block_trie import checkpoint, trie
+
+    eng = SimEngine(num_gpu_blocks=24)
+    salted = eng.scheduler.add_session(1).add_sequence(
+        torch.arange(40), sampling_param=SamplingParam.from_gen_config(GenerationConfig(cache_salt="a")))
+    plain = eng.scheduler.add_session(2).add_sequence(torch.arange(40))
+    ident = salted.sampling_param.cache_salt_identity
+    for fn in (checkpoint.make_request_multimodal_identity, trie.make_request_multimodal_identity):
+        assert fn(salted, 32) == (ident,) and fn(plain, 32) == ()

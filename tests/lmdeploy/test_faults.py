@@ -1,6 +1,6 @@
 """Injected faults (lmdeploy_patch/faults.py) and verified restores
 (host_cache_verify) on LMDeploy 0.18.0's real scheduler with the core's CPU
-SlotStore (sim_engine.py): every forward checks every byte it reads, so a
+SlotStore (benchmark/sim_engine.py): every forward checks every byte it reads, so a
 fault the tier did not absorb fails the run. Each fault may cost at most a
 recompute; afterwards nothing stays pinned and the allocator is balanced."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("lmdeploy")
 
-from sim_engine import SimEngine  # noqa: E402
+from benchmark.sim_engine import SimEngine  # noqa: E402
 from test_scheduler_tier import assert_balanced, chat_workload  # noqa: E402
 
 from lmdeploy_patch import faults, slot_ledger  # noqa: E402
@@ -34,6 +34,7 @@ def test_a_plan_fires_every_nth_event():
 
 def _run(monkeypatch, spec: str, verify: bool = False, policy: str = "write_through") -> SimEngine:
     monkeypatch.setenv("HOSTCACHE_FAULTS", spec)
+    monkeypatch.setattr(faults, "_PLANS", {})  # a plan's counts go on across pools in a process
     eng = SimEngine(num_gpu_blocks=24, host_slots=64, policy=policy, verify=verify)
     chat_workload(eng, rounds=4)  # raises if any forward reads a wrong byte
     return eng
@@ -116,8 +117,9 @@ def test_verification_alone_changes_nothing(monkeypatch):
 
 def test_a_pool_lost_mid_run_turns_the_tier_off_and_serving_goes_on(monkeypatch, caplog):
     """Both copy paths fail for a save: the pool is unusable. The scheduler
-    stops saving and matching (one line), restores already matched still
-    run, and every later forward is still exact."""
+    stops saving and matching (one line), and every later forward is still
+    exact. (A restore of the lost slot matched before the failure is the
+    next test's.)"""
     from lmdeploy_patch.fallback_copy import FallbackCopier
 
     calls = {"n": 0}
@@ -210,3 +212,106 @@ def test_tier_index_drop_forgets_matched_slots():
     ix.check_invariants()
     with pytest.raises(ValueError, match="no match pinned"):
         ix.drop(slots[:1])
+
+
+def _worker(monkeypatch, spec: str = "", verify: bool = False):
+    """One rank's WorkerTier over a small CPU pool, as the agent hook builds it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmdeploy_patch.rank_tier import build_worker_tier
+
+    if spec:
+        monkeypatch.setenv("HOSTCACHE_FAULTS", spec)
+    else:
+        monkeypatch.delenv("HOSTCACHE_FAULTS", raising=False)
+    monkeypatch.setattr(faults, "_PLANS", {})
+    pool = torch.arange(2 * 16 * 64, dtype=torch.int64).to(torch.uint8).reshape(2, 16, 64)
+    cc = SimpleNamespace(host_cache_ratio=1.0, host_cache_size=None, host_cache_slots=8, host_cache_verify=verify)
+    worker = build_worker_tier(cc, SimpleNamespace(pools=[SimpleNamespace(tensor=pool, entry_axis=1)]), 1)
+    worker.ledger.watched = True  # as the scheduler in this process marks it
+    return worker, pool
+
+
+def _plan(pre=(), restore=(), post=()):
+    from lmdeploy_patch.copy_plan import HostCopyPlan
+
+    return HostCopyPlan.build(list(pre), list(restore), list(post))
+
+
+def test_a_restore_matched_before_its_save_was_lost_never_reaches_the_model(monkeypatch):
+    """LMDeploy plans forward N+1 while forward N runs, so a slot can be
+    matched before N's save into it fails on both paths. The rank then
+    refuses to run N+1 rather than let the model read what the slot holds."""
+    from lmdeploy_patch.fallback_copy import FallbackCopier
+
+    worker, pool = _worker(monkeypatch, "queue=1")  # the engine refuses every copy
+
+    def broken(self, slots, blocks):
+        raise RuntimeError("host memory is gone")
+
+    monkeypatch.setattr(FallbackCopier, "save", broken)
+    worker.after_model(_plan(post=[(3, 5)]), None)  # forward N's save of block 5 into slot 3: lost
+    assert worker.ledger.lost and worker.ledger.unservable(np.array([3], dtype=np.uint32))
+    before = pool[:, 9].clone()
+    with pytest.raises(RuntimeError, match="a planned restore cannot be carried out: host slot 3 holds no saved"):
+        worker.before_model(_plan(restore=[(3, 9)]), None)  # forward N+1, planned before N ran
+    assert torch_equal(pool[:, 9], before)  # nothing was copied into the block
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_a_slot_that_changed_after_its_check_is_named_as_the_cause(monkeypatch):
+    """Verification on: the slot matched its checksum when matched, then
+    changed in host memory before its restore. Copying it again cannot help:
+    the forward fails naming the host memory, not the device."""
+    worker, pool = _worker(monkeypatch, verify=True)
+    worker.after_model(_plan(post=[(2, 4)]), None)
+    worker.before_model(_plan(), None)  # the save is seen complete and checksummed
+    assert worker.ledger.check(np.array([2], dtype=np.uint32)) == (1, "")
+    np.frombuffer(worker.store.slot_view(2), dtype=np.uint8)[:8] ^= 0xFF
+    with pytest.raises(RuntimeError, match="host slot 2 changed after it was checked"):
+        worker.before_model(_plan(restore=[(2, 11)]), None)
+
+
+def test_a_slot_the_ledger_never_heard_of_is_not_served():
+    """A store built again under an index that was kept: nothing was saved into it."""
+    ledger = slot_ledger.SlotLedger(4, False, lambda s: 0, lambda s, b: None)
+    assert ledger.check(np.array([0, 1], dtype=np.uint32)) == (0, slot_ledger.UNKNOWN)
+    ledger.planned(0)
+    assert ledger.check(np.array([0, 1], dtype=np.uint32)) == (1, slot_ledger.UNKNOWN)
+
+
+def test_a_failed_save_on_a_gpu_is_a_device_fault():
+    """The device orders a GPU rank's copies: by the time the host sees a save
+    failed, its block may be rewritten, so it is raised, never redone."""
+    redone = []
+    ledger = slot_ledger.SlotLedger(4, False, lambda s: 0, lambda s, b: redone.append(s), cuda=True)
+
+    class Failed:
+        error = "illegal address"
+
+        def done(self):
+            return True
+
+        def wait(self):
+            return False
+
+    ledger.submitted(Failed(), np.array([1], dtype=np.uint32), np.array([2], dtype=np.int32))
+    with pytest.raises(RuntimeError, match="failed on the device"):
+        ledger.settle()
+    assert redone == []
+
+
+def test_copy_faults_are_refused_on_a_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("HOSTCACHE_FAULTS", "copy=2")
+    monkeypatch.setattr(faults, "_PLANS", {})
+    with pytest.raises(ValueError, match="copy=N is a host-side stand-in"):
+        faults.inject(SimpleNamespace(cuda=True, store=None, ledger=None), lambda b: None)

@@ -9,7 +9,7 @@ pytest.importorskip("lmdeploy")
 from lmdeploy.metrics.loggers import PrometheusStatLogger  # noqa: E402
 from lmdeploy.metrics.stats import SchedulerStats  # noqa: E402
 from test_scheduler_tier import chat_workload  # noqa: E402
-from sim_engine import SimEngine  # noqa: E402
+from benchmark.sim_engine import SimEngine  # noqa: E402
 
 
 def _exported() -> dict:

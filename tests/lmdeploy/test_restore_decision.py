@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("lmdeploy")
 
 from lmdeploy_patch.restore_decision import DEFAULT_PREFILL_TOK_S, MIN_SAMPLES, RestoreDecider  # noqa: E402
-from sim_engine import SimEngine  # noqa: E402
+from benchmark.sim_engine import SimEngine  # noqa: E402
 from test_scheduler_tier import assert_balanced, chat_workload  # noqa: E402
 
 BLOCK = 1 << 20  # bytes per block and rank

@@ -1,5 +1,5 @@
 """The host tier inside LMDeploy 0.18.0's real scheduler and block trie,
-multi-turn sessions under GPU-memory pressure, on CPU (see sim_engine.py)."""
+multi-turn sessions under GPU-memory pressure, on CPU (see benchmark/sim_engine.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("lmdeploy")
 
-from sim_engine import SimEngine  # noqa: E402
+from benchmark.sim_engine import SimEngine  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 
