@@ -68,13 +68,20 @@ def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on
 
 
 def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cache_config: Any,
-                   memory_model_cache: bool = False, model_paradigm: str = "ar", engines: int = 1) -> None:
+                   memory_model_cache: bool = False, model_paradigm: str = "ar", engines: int = 1,
+                   ranks_here: bool = True) -> None:
     """In the driver, once num_gpu_blocks is final: decide the tier and the
     slot count that the scheduler and every rank will use. `engines`: the
     data-parallel engines, each sizing its own pool from the same RAM; all
-    are counted as on this host (conservative when they span machines)."""
+    are counted as on this host (conservative when they span machines).
+    `ranks_here`: the ranks run in this process (the single-process executor)."""
     if not host_cache_requested(cache_config):
         return
+    if getattr(cache_config, "host_cache_verify", False) and not ranks_here:
+        # The checks run where the scheduler is, against the ranks' ledgers (slot_ledger.py).
+        raise ValueError("host_cache_verify=True checks host slots from the scheduler, which needs this engine's "
+                         "ranks in its process (one GPU, or the CPU engine); with ranks in other processes set "
+                         "host_cache_verify=False")
     reason = off_reason(cache_config)
     if reason is None and spec_cache_config is not None:
         reason = "speculative decoding keeps a draft-model KV cache that the host tier does not save"

@@ -193,10 +193,6 @@ class HostTier:
         self.config_id = config_id
         self.verify = verify
         self.off: Optional[str] = None  # why the tier stopped mid-run (its pool became unusable)
-        if verify and not self._ledgers():
-            raise ValueError("host_cache_verify=True checks host slots from the scheduler, which needs this "
-                             "engine's ranks in its process (one GPU, or the CPU engine); with ranks in other "
-                             "processes set host_cache_verify=False")
 
     def _ledgers(self) -> list:
         """This engine's ranks' ledgers in this process (rebuilt with their pools after a sleep)."""
@@ -316,6 +312,8 @@ class HostTier:
         cursor = seq.prefix_cache.trie_cursor
         if cursor is None or seq.seq_id in self._restores or self._pool_lost():
             return
+        if self.verify and not self._ledgers():  # ranks not built yet: nothing could be verified
+            return
         if self.write_policy == "write_through_selective":
             self.continuations.resumed(seq.seq_id)
         if seq.prefix_cache.multimodal_spans:
@@ -405,7 +403,13 @@ class HostTier:
                            "%d block(s) dropped from the host cache, recomputed from token %d", int(rest[0]),
                            seq.seq_id, getattr(seq, "session_id", "?"), len(rest),
                            start + n * self.block_size)
-        else:  # UNCONFIRMED, UNKNOWN or LOST: nothing wrong with the bytes known, they are just not served
+        elif why == slot_ledger.UNKNOWN:
+            # The store was built again under this index: the entries hold nothing. Dropped, so that the
+            # blocks, recomputed, are saved again instead of meeting a dead entry.
+            self.index.drop(rest)
+            log_once("a rank's host store was built again while the scheduler kept its index: entries it never "
+                     "held are dropped and recomputed")
+        else:  # UNCONFIRMED or LOST: nothing wrong with the bytes is known, they are just not served now
             self.index.release(rest)
             if why == slot_ledger.UNCONFIRMED:
                 self.stats.verify_unconfirmed_blocks += len(rest)
@@ -528,8 +532,8 @@ class HostTier:
         pre, self._pre = self._pre, []
         restore = self._planned_restores(running)
         post = self._planned_saves()
-        if self._pool_lost():
-            pre, post = [], []  # restores matched before the pool was lost still run
+        # (With the pool lost no new save is reserved; those reserved before
+        # still go to the ranks, which mark them skipped: slot_ledger.unservable.)
         wait_saves, self._evicted = self._evicted, False
         # A restore into a block a pre save reads queues behind that save on
         # every rank (SlotStore orders shared blocks across its streams), and

@@ -112,11 +112,19 @@ class SlotLedger:
     def unservable(self, slots: np.ndarray) -> Optional[str]:
         """Why a restore from `slots` cannot be carried out, or None: one's
         latest save left no good bytes (both copy paths failed, or it was
-        skipped once the pool was lost) after the scheduler matched it."""
+        skipped once the pool was lost) after the scheduler matched it, or
+        none ever reached this store."""
         with self._lock:
-            bad = np.asarray(slots)[self._failed[np.asarray(slots)]]
+            slots = np.asarray(slots)
+            bad = slots[self._failed[slots]]
             if len(bad):
                 return f"host slot {int(bad[0])} holds no saved bytes ({self.lost or 'its save failed'})"
+            # A save always reaches a rank before a restore of its slot does:
+            # a slot this store never saved into was filled in another store
+            # (one built again, with ranks in another process than the scheduler).
+            never = slots[self._carried[slots] == 0]
+            if len(never):
+                return f"host slot {int(never[0])} was never saved into by this rank's store"
             return None
 
     # ----- rank side
@@ -161,6 +169,9 @@ class SlotLedger:
                 if not transfer.wait():
                     self.counts["copy_failures"] += 1
                     if self.cuda:
+                        self._in_flight += flights[i + 1:]  # not looked at: they stay in flight
+                        self._failed[slots] = True
+                        self.lose(f"a save failed on the device ({transfer.error})")
                         raise RuntimeError(f"lmdeploy-hostcache: a host-cache save failed on the device "
                                            f"({transfer.error}): a device fault")
                     if latest.any():

@@ -19,5 +19,6 @@ def _update_num_gpu_blocks(original: Callable, self: Any, free_mems: Any, cache_
     size_host_pool(self.cache_config, [c.target for c in cache_block_sizes], spec_cache_config,
                    memory_model_cache=any(getattr(c, "memory", 0) for c in cache_block_sizes),
                    model_paradigm=getattr(getattr(self, "model_config", None), "model_paradigm", "ar"),
-                   engines=max(1, int(getattr(self, "dp", 1) or 1)))
+                   engines=max(1, int(getattr(self, "dp", 1) or 1)),
+                   ranks_here=type(self).__name__ == "UniExecutor")
     return result

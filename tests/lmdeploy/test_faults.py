@@ -315,3 +315,50 @@ def test_copy_faults_are_refused_on_a_gpu(monkeypatch):
     monkeypatch.setattr(faults, "_PLANS", {})
     with pytest.raises(ValueError, match="copy=N is a host-side stand-in"):
         faults.inject(SimpleNamespace(cuda=True, store=None, ledger=None), lambda b: None)
+
+
+def test_verification_is_refused_when_the_ranks_are_in_other_processes():
+    from lmdeploy.pytorch.config import CacheConfig
+    from lmdeploy_patch.pool_sizing import size_host_pool
+
+    cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10)
+    cc.host_cache_ratio, cc.host_cache_verify = 1.0, True
+    with pytest.raises(ValueError, match="host_cache_verify=True .* ranks in its process"):
+        size_host_pool(cc, [1 << 20], None, ranks_here=False)
+    size_host_pool(cc, [1 << 20], None, ranks_here=True)
+    assert cc.host_cache_slots > 0
+
+
+def test_a_store_built_again_under_a_kept_index_serves_nothing_it_never_held(monkeypatch):
+    """A rank's store rebuilt without a sleep (the scheduler keeps its
+    index): its slots are empty. Matches of them are dropped and recomputed,
+    exactly (the forward checks every byte), and the blocks are saved again."""
+    from types import SimpleNamespace
+
+    from lmdeploy_patch import rank_tier
+
+    monkeypatch.delenv("HOSTCACHE_FAULTS", raising=False)
+    eng = SimEngine(num_gpu_blocks=24, host_slots=64)
+    chat_workload(eng, rounds=2)
+    assert eng.tier.index.used > 0
+    for sid in list(eng.sessions):  # the conversations come back as new sessions, resending their prompts
+        eng.scheduler.end_session(sid)
+    eng.sessions.clear()
+    assert rank_tier.unregister(eng.cache_engines[0])
+    eng.workers[0] = eng.worker = rank_tier.build_worker_tier(
+        eng.scheduler.cache_config, SimpleNamespace(pools=[SimpleNamespace(tensor=eng.pool, entry_axis=1)]), 1)
+    rank_tier.register(eng.cache_engines[0], eng.worker)
+    hits = eng.tier.stats.hit_tokens
+    chat_workload(eng, seed=1, rounds=3)  # the same conversations: their host entries are dead now
+    assert eng.tier.index.counters()["discarded"] > 0
+    chat_workload(eng, seed=1, rounds=3)  # saved again into the new store: served from it
+    assert eng.tier.stats.hit_tokens > hits
+    eng.end_all()
+    assert_balanced(eng)
+
+
+def test_a_rank_refuses_a_slot_it_never_saved_into():
+    ledger = slot_ledger.SlotLedger(4, False, lambda s: 0, lambda s, b: None)
+    assert "never saved into" in ledger.unservable(np.array([2], dtype=np.uint32))
+    ledger.copied(np.array([2], dtype=np.uint32))
+    assert ledger.unservable(np.array([2], dtype=np.uint32)) is None

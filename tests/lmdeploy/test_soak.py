@@ -21,10 +21,10 @@ def _assert_clean(out: dict) -> None:
     assert c["host_hit_tokens_seen"] > 0 and out["host"]["host_evictions"] > 0, (c, out["host"])
 
 
-@pytest.mark.parametrize("policy", ["write_through", "write_back"])
-def test_short_soak_stays_exact_balanced_and_bounded(monkeypatch, policy):
+@pytest.mark.parametrize("policy,ranks", [("write_through", 1), ("write_back", 1), ("write_through_selective", 2)])
+def test_short_soak_stays_exact_balanced_and_bounded(monkeypatch, policy, ranks):
     monkeypatch.delenv("HOSTCACHE_FAULTS", raising=False)
-    _assert_clean(soak.run(400, seed=1, sleep_every=150, policy=policy))
+    _assert_clean(soak.run(300, seed=1, sleep_every=150, policy=policy, ranks=ranks))
 
 
 def test_short_soak_with_faults_and_verification(monkeypatch):
@@ -32,10 +32,12 @@ def test_short_soak_with_faults_and_verification(monkeypatch):
 
     monkeypatch.setenv("HOSTCACHE_FAULTS", "chunk=11,queue=7,copy=5,corrupt=9,corrupt_restore=6")
     monkeypatch.setattr(faults, "_PLANS", {})
-    out = soak.run(400, seed=2, sleep_every=150, verify=True)
+    out = soak.run(300, seed=2, sleep_every=150, verify=True)
     _assert_clean(out)
     host = out["host"]
-    assert host["host_verify_failures"] > 0, host
+    # each fault was met: refused and failed copies made again, corrupted slots and restored blocks caught
+    assert host["host_verify_failures"] > 0 and host["host_restore_mismatches"] > 0, host
+    assert host["host_copy_failures"] > 0 and host["host_copies_redone"] >= host["host_copy_failures"], host
 
 
 def test_the_step_checks_can_fail(monkeypatch):
@@ -54,4 +56,4 @@ def test_the_step_checks_can_fail(monkeypatch):
     monkeypatch.delenv("HOSTCACHE_FAULTS", raising=False)
     monkeypatch.setattr(HostTier, "cancel", leaky_cancel)
     with pytest.raises(AssertionError, match="pins, but 0 pending restores hold it"):
-        soak.run(400, seed=1, sleep_every=150)
+        soak.run(300, seed=1, sleep_every=150)

@@ -218,6 +218,13 @@ class _FakeStore:
         return self._t("restore")
 
 
+def _ordering_only(worker: WorkerTier) -> WorkerTier:
+    """These tests are about what a forward waits for, with a fake store: its
+    ledger takes every slot as saved into already (slot_ledger.unservable)."""
+    worker.ledger._carried[:] = 1
+    return worker
+
+
 def _plan(pre=(), restore=(), post=(), wait_saves=True):
     return HostCopyPlan.build(list(pre), list(restore), list(post), wait_saves=wait_saves)
 
@@ -226,7 +233,7 @@ def test_cpu_forward_waits_for_every_unordered_copy():
     """The CPU store orders only copies sharing a slot or block: a forward
     waits for each earlier copy, not only the newest."""
     store = _FakeStore()
-    w = WorkerTier(store, cuda=False)
+    w = _ordering_only(WorkerTier(store, cuda=False))
     w.before_model(_plan(), None)
     w.after_model(_plan(post=[(1, 2)]), None)                     # copy 1: post save of forward 1
     w.before_model(_plan(pre=[(3, 4)], restore=[(5, 6)]), None)   # copies 2, 3
@@ -235,7 +242,7 @@ def test_cpu_forward_waits_for_every_unordered_copy():
 
 def test_forward_skips_waiting_for_saves_when_no_block_was_freed():
     store = _FakeStore()
-    w = WorkerTier(store, cuda=False)
+    w = _ordering_only(WorkerTier(store, cuda=False))
     w.after_model(_plan(post=[(1, 2)]), None)
     w.before_model(_plan(wait_saves=False), None)  # no eviction since: the save may run on
     assert not [e for e in store.log if e[0] == "wait"]
@@ -278,7 +285,7 @@ def test_cuda_forward_waits_on_the_newest_copy_of_each_stream(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", _TimingEvent)
     store = _FakeStore()
-    w = WorkerTier(store, cuda=True)
+    w = _ordering_only(WorkerTier(store, cuda=True))
     w.after_model(_plan(post=[(1, 2)]), "fwd")                        # 1: save
     w.after_model(_plan(post=[(3, 4)]), "fwd")                        # 2: save, behind 1 on its stream
     w.before_model(_plan(restore=[(5, 6)], wait_saves=False), "fwd")  # 3: restore
@@ -302,7 +309,7 @@ def test_pinning_fallbacks_are_said_once_each(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "Event", _TimingEvent)
     monkeypatch.setattr("lmdeploy_patch.log._said", set())
     store = _FakeStore()
-    w = WorkerTier(store, cuda=True)
+    w = _ordering_only(WorkerTier(store, cuda=True))
     with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache"):
         store.pin["register_error"] = "cudaHostRegister: operation not supported"
         for _ in range(70):
