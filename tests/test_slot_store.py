@@ -53,3 +53,21 @@ def test_a_setting_the_store_cannot_keep_is_refused():
     pool = KVPool(KVShape(dtype="bf16"), num_blocks=4)
     with pytest.raises(ValueError, match="checksum=True needs the index: use HostCache"):
         SlotStore.from_tensors(HostCacheConfig(capacity_bytes=1 << 24, checksum=True), pool.tensors, pool.block_dim)
+
+
+def test_memory_ranges_cover_every_slot_and_stay_put():
+    """What a store registers (lmdeploy_hostcache.MooncakeStore): every slot
+    lies inside one range, and no slot moves once the ranges were taken."""
+    import torch
+
+    from lmdeploy_hostcache import HostCacheConfig, SlotStore
+
+    pool = torch.zeros(2, 64, 256, dtype=torch.uint8)
+    store = SlotStore.from_tensors(HostCacheConfig(capacity_bytes=40 * 512, reserve_bytes=0, pin_chunk_bytes=4096),
+                                   [pool], block_dim=1)
+    ranges = store.memory_ranges()
+    addrs = [store.slot_address(s) for s in range(store.num_slots)]
+    for a in addrs:
+        assert sum(p <= a and a + store.slot_bytes <= p + n for p, n in ranges) == 1, (a, ranges)
+    assert store.offload(list(range(8)), list(range(8))).wait()
+    assert [store.slot_address(s) for s in range(store.num_slots)] == addrs and store.memory_ranges() == ranges

@@ -8,6 +8,7 @@ from .binding import as_tokens
 from .host_cache import ROOT_KEY, HostCache, Match, OffloadResult, Transfer
 from .regions import Region, regions_from_tensor, regions_from_tensors
 from .slot_store import SlotStore, StoreTransfer
+from .mooncake_store import MooncakeStore, StoreConfig
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,5 @@ def build_info() -> dict:
 __all__ = [
     "GiB", "MiB", "HostCacheConfig", "SlotStore", "StoreTransfer", "HostCache", "Match", "OffloadResult", "Transfer", "Region", "ROOT_KEY",
     "regions_from_tensor", "regions_from_tensors", "as_tokens", "build_info", "available_ram_bytes", "ram_budget",
-    "total_ram_bytes", "slot_stride",
+    "total_ram_bytes", "slot_stride", "MooncakeStore", "StoreConfig",
 ]

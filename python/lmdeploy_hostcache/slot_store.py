@@ -95,6 +95,17 @@ class SlotStore:
     def slot_view(self, slot: int) -> np.ndarray:
         return np.frombuffer(self._core.slot_view(int(slot)), dtype=np.uint8)
 
+    def memory_ranges(self) -> list[tuple[int, int]]:
+        """(address, bytes) of each chunk of the pool, every chunk prepared
+        first so that none moves later: what a store registers to read and
+        write slots in place (slot_address gives a slot's address)."""
+        return [(int(p), int(n)) for p, n in self._core.memory_ranges()]
+
+    def slot_address(self, slot: int) -> int:
+        """Where a slot's bytes start (stable once memory_ranges was called)."""
+        view = np.frombuffer(self._core.slot_view(int(slot)), dtype=np.uint8)
+        return int(view.ctypes.data)
+
     def slot_checksum(self, slot: int) -> int:
         """XXH64 of the slot's bytes (the core's hash, as HostCache's checksum mode)."""
         return self._core.slot_checksum(int(slot))

@@ -309,6 +309,13 @@ void bind_slot_store(py::module_& m) {
             return py::memoryview::from_memory(st.slot_data(slot), static_cast<py::ssize_t>(st.slot_bytes()), false);
           },
           py::arg("slot"), py::keep_alive<0, 1>())
+      .def("memory_ranges",
+           [](SlotStore& st) {
+             py::list out;
+             for (const auto& [ptr, bytes] : st.memory_ranges())
+               out.append(py::make_tuple(reinterpret_cast<uintptr_t>(ptr), bytes));
+             return out;
+           })
       .def("slot_checksum", &SlotStore::slot_checksum)
       .def("block_checksum", &SlotStore::block_checksum)
       .def("stats", [](const SlotStore& st) { return store_stats_dict(st.stats()); });

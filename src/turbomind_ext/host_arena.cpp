@@ -120,6 +120,16 @@ bool HostArena::prepare(uint32_t i) {
   return pin_chunk(i / chunk_slots_);
 }
 
+std::vector<std::pair<uint8_t*, uint64_t>> HostArena::ranges() {
+  std::vector<std::pair<uint8_t*, uint64_t>> out;
+  out.reserve(chunk_base_.size());
+  for (uint32_t c = 0; c < chunk_base_.size(); ++c) {
+    prepare(c * chunk_slots_);
+    out.emplace_back(chunk_base_[c], chunk_len(c));
+  }
+  return out;
+}
+
 std::string HostArena::pin_method() const {
   if (!pinning()) return "off";
   bool reg = false, alloc = false;

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace hostcache {
@@ -71,6 +72,10 @@ class HostArena {
   // the slot is pinned; a failure is kept in pin_error(), never thrown, since
   // unpinned memory still works (slower) for the memcpy and CPU paths.
   bool prepare(uint32_t i);
+  // Where the pool's memory lies, chunk by chunk, once every chunk is
+  // prepared (a chunk moves only on its first prepare): ranges that stay
+  // put, to register with a store that reads and writes slots directly.
+  std::vector<std::pair<uint8_t*, uint64_t>> ranges();
   bool is_pinned(uint32_t i) const { return !chunk_state_.empty() && chunk_state_[i / chunk_slots_] != kUnpinned; }
   uint64_t pinned_bytes() const { return pinned_bytes_; }
   bool pinning() const { return pinner_ != nullptr && pin_mode_ != PinMode::kOff; }

@@ -103,6 +103,11 @@ std::shared_ptr<Transfer> SlotStore::submit(Direction dir, const std::vector<Blo
   return t;
 }
 
+std::vector<std::pair<uint8_t*, uint64_t>> SlotStore::memory_ranges() {
+  std::lock_guard<std::mutex> lock(mu_);  // the arena's lazy pinning is not thread-safe on its own
+  return arena_->ranges();
+}
+
 uint64_t SlotStore::slot_checksum(uint32_t slot) const {
   std::lock_guard<std::mutex> lock(mu_);  // submit may be moving the slot's chunk (HostArena::prepare)
   return xxh64(arena_->slot(slot), regions_.slot_bytes(), 0);

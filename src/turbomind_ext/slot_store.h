@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "copy_engine.h"
@@ -62,6 +63,8 @@ class SlotStore {
   // waiting). Throws only before anything is queued.
   std::shared_ptr<Transfer> submit(Direction dir, const std::vector<BlockCopy>& copies, uintptr_t after_stream);
 
+  // HostArena::ranges: the pool's memory, to register with a store.
+  std::vector<std::pair<uint8_t*, uint64_t>> memory_ranges();
   uint64_t slot_checksum(uint32_t slot) const;
   // Reads the device block back (synchronously) and hashes it like a slot.
   uint64_t block_checksum(uint32_t block);

@@ -1,0 +1,150 @@
+"""Mooncake Store behind the host pool: whole host slots put to and got from
+a Mooncake Store in place, by key.
+
+Transport only: which blocks to put, under which keys, and when, is the
+caller's (the LMDeploy integration). The pool's memory is registered with
+the store once (SlotStore.memory_ranges: chunks that no longer move), and
+a put or a get names slot addresses, so no byte is copied through Python.
+
+Everything the store answers is checked: a get counts as a hit only when it
+returned exactly the slot's size (a smaller object returns its own size; a
+missing key -704), a put only when it returned 0. A store that cannot be
+reached raises at connection with the addresses it tried; after that a
+failed call is a miss or an unsaved block for the caller, never data.
+
+The configuration is the JSON file LMDeploy's own Mooncake connector reads
+(lmdeploy/pytorch/kv_connector/mooncake/store/data.py): metadata_server,
+master_server_address, protocol (tcp or rdma), device_name,
+global_segment_size and local_buffer_size (bytes, or "1GB"-style sizes),
+plus local_hostname (default 127.0.0.1). global_segment_size is what this
+process contributes to the store: 0 keeps the objects on the storage nodes
+(`mooncake_client`), where they outlive the engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+def _size(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{where}: {key} must be a number of bytes or a size like \"512MB\"; got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"{where}: {key} must be a number of bytes or a size like \"512MB\"; got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    if n < 0:
+        raise ValueError(f"{where}: {key} must be >= 0; got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    metadata_server: str
+    master_server_address: str
+    protocol: str = "tcp"
+    device_name: str = ""
+    global_segment_size: int = 0
+    local_buffer_size: int = 64 << 20
+    local_hostname: str = "127.0.0.1"
+
+    @classmethod
+    def from_file(cls, path: str) -> "StoreConfig":
+        """The JSON file; errors name the file and the key to change."""
+        where = f"Mooncake config {path!r}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except OSError as e:
+            raise ValueError(f"{where}: cannot be read ({e.strerror or e})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: is not JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: must be a JSON object")
+        for key in ("metadata_server", "master_server_address"):
+            if not isinstance(raw.get(key), str) or not raw[key].strip():
+                raise ValueError(f"{where}: {key} must be a non-empty string")
+        protocol = raw.get("protocol", "tcp")
+        if protocol not in ("tcp", "rdma"):
+            raise ValueError(f"{where}: protocol must be \"tcp\" or \"rdma\"; got {protocol!r}")
+        for key in ("device_name", "local_hostname"):
+            if key in raw and not isinstance(raw[key], str):
+                raise ValueError(f"{where}: {key} must be a string")
+        return cls(metadata_server=raw["metadata_server"], master_server_address=raw["master_server_address"],
+                   protocol=protocol, device_name=raw.get("device_name", ""),
+                   global_segment_size=_size(raw.get("global_segment_size", 0), "global_segment_size", where),
+                   local_buffer_size=_size(raw.get("local_buffer_size", 64 << 20), "local_buffer_size", where),
+                   local_hostname=raw.get("local_hostname", "127.0.0.1"))
+
+
+class MooncakeStore:
+    """One client of a Mooncake Store, with slot-addressed batch calls."""
+
+    def __init__(self, config: StoreConfig):
+        try:
+            from mooncake.store import MooncakeDistributedStore
+        except ImportError as e:
+            raise ImportError("the Mooncake Store tier needs the mooncake package: pip install "
+                              "mooncake-transfer-engine (or mooncake-transfer-engine-non-cuda on machines "
+                              f"without CUDA), and Debian's libibverbs1 ({e})") from e
+        if config.protocol == "tcp" and config.local_hostname in ("127.0.0.1", "localhost"):
+            # Mooncake's TCP transport binds where this says (loopback-only hosts and tests)
+            os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+        self.config = config
+        self._store = MooncakeDistributedStore()
+        rc = self._store.setup(config.local_hostname, config.metadata_server, config.global_segment_size,
+                               config.local_buffer_size, config.protocol, config.device_name,
+                               config.master_server_address)
+        if rc != 0:
+            raise ConnectionError(f"Mooncake Store setup failed (code {rc}): master {config.master_server_address}, "
+                                  f"metadata server {config.metadata_server}, protocol {config.protocol}")
+        self._registered: list[tuple[int, int]] = []
+
+    def register(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Host memory the store may read and write in place (SlotStore.memory_ranges)."""
+        for ptr, nbytes in ranges:
+            rc = self._store.register_buffer(int(ptr), int(nbytes))
+            if rc != 0:
+                raise RuntimeError(f"Mooncake Store refused to register {nbytes} bytes of the host pool (code {rc})")
+            self._registered.append((int(ptr), int(nbytes)))
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys the store holds (an error answer counts as absent)."""
+        if not keys:
+            return []
+        return [r == 1 for r in self._store.batch_is_exist(list(keys))]
+
+    def put(self, keys: Sequence[str], addrs: Sequence[int], size: int) -> list[bool]:
+        """Each slot's `size` bytes at addrs[i] stored under keys[i]; which were."""
+        if not keys:
+            return []
+        codes = self._store.batch_put_from(list(keys), [int(a) for a in addrs], [int(size)] * len(keys))
+        return [c == 0 for c in codes]
+
+    def get(self, keys: Sequence[str], addrs: Sequence[int], size: int) -> list[bool]:
+        """keys[i]'s object into the slot at addrs[i]; a hit only where it was
+        exactly `size` bytes (anything else: a miss, and the slot's bytes are
+        not to be used)."""
+        if not keys:
+            return []
+        got = self._store.batch_get_into(list(keys), [int(a) for a in addrs], [int(size)] * len(keys))
+        return [g == size for g in got]
+
+    def remove(self, key: str) -> bool:
+        return self._store.remove(key) == 0
+
+    def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            for ptr, _ in self._registered:
+                store.unregister_buffer(ptr)
+            store.close()
