@@ -99,7 +99,10 @@ class SlotLedger:
             first = int(unknown[0]) if len(unknown) else len(slots)
             if not self.verify:
                 return first, UNKNOWN if first < len(slots) else ""
-            self.settle(wait_for=None if self.cuda else slots)
+            try:
+                self.settle(wait_for=None if self.cuda else slots)
+            except RuntimeError:  # a device fault: lost; the rank raises it at its next forward
+                return 0, LOST
             if self.lost:
                 return 0, LOST
             for i, s in enumerate(slots[:first].tolist()):

@@ -16,7 +16,7 @@ The configuration is the JSON file LMDeploy's own Mooncake connector reads
 (lmdeploy/pytorch/kv_connector/mooncake/store/data.py): metadata_server,
 master_server_address, protocol (tcp or rdma), device_name,
 global_segment_size and local_buffer_size (bytes, or "1GB"-style sizes),
-plus local_hostname (default 127.0.0.1). global_segment_size is what this
+plus local_hostname (default: this machine's address). global_segment_size is what this
 process contributes to the store: 0 keeps the objects on the storage nodes
 (`mooncake_client`), where they outlive the engine.
 """
@@ -25,10 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d*\.?\d+)\s*([kmg]?b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 
 
@@ -51,11 +52,11 @@ def _size(value: Any, key: str, where: str) -> int:
 class StoreConfig:
     metadata_server: str
     master_server_address: str
-    protocol: str = "tcp"
+    protocol: str = "rdma"  # LMDeploy's default
     device_name: str = ""
     global_segment_size: int = 0
     local_buffer_size: int = 64 << 20
-    local_hostname: str = "127.0.0.1"
+    local_hostname: str = ""  # empty: this machine's address (what other clients reach it at)
 
     @classmethod
     def from_file(cls, path: str) -> "StoreConfig":
@@ -73,7 +74,7 @@ class StoreConfig:
         for key in ("metadata_server", "master_server_address"):
             if not isinstance(raw.get(key), str) or not raw[key].strip():
                 raise ValueError(f"{where}: {key} must be a non-empty string")
-        protocol = raw.get("protocol", "tcp")
+        protocol = raw.get("protocol", "rdma")
         if protocol not in ("tcp", "rdma"):
             raise ValueError(f"{where}: protocol must be \"tcp\" or \"rdma\"; got {protocol!r}")
         for key in ("device_name", "local_hostname"):
@@ -83,7 +84,7 @@ class StoreConfig:
                    protocol=protocol, device_name=raw.get("device_name", ""),
                    global_segment_size=_size(raw.get("global_segment_size", 0), "global_segment_size", where),
                    local_buffer_size=_size(raw.get("local_buffer_size", 64 << 20), "local_buffer_size", where),
-                   local_hostname=raw.get("local_hostname", "127.0.0.1"))
+                   local_hostname=raw.get("local_hostname", ""))
 
 
 class MooncakeStore:
@@ -96,18 +97,21 @@ class MooncakeStore:
             raise ImportError("the Mooncake Store tier needs the mooncake package: pip install "
                               "mooncake-transfer-engine (or mooncake-transfer-engine-non-cuda on machines "
                               f"without CUDA), and Debian's libibverbs1 ({e})") from e
-        if config.protocol == "tcp" and config.local_hostname in ("127.0.0.1", "localhost"):
-            # Mooncake's TCP transport binds where this says (loopback-only hosts and tests)
+        hostname = config.local_hostname or socket.gethostbyname(socket.gethostname())
+        if config.protocol == "tcp" and hostname in ("127.0.0.1", "localhost"):
+            # Mooncake's TCP transport binds where this says (loopback-only hosts and tests); process-wide
             os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
         self.config = config
+        self._registered: list[tuple[int, int]] = []
         self._store = MooncakeDistributedStore()
-        rc = self._store.setup(config.local_hostname, config.metadata_server, config.global_segment_size,
+        rc = self._store.setup(hostname, config.metadata_server, config.global_segment_size,
                                config.local_buffer_size, config.protocol, config.device_name,
                                config.master_server_address)
         if rc != 0:
+            self.close()
             raise ConnectionError(f"Mooncake Store setup failed (code {rc}): master {config.master_server_address}, "
-                                  f"metadata server {config.metadata_server}, protocol {config.protocol}")
-        self._registered: list[tuple[int, int]] = []
+                                  f"metadata server {config.metadata_server}, protocol {config.protocol}, "
+                                  f"this host {hostname}")
 
     def register(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Host memory the store may read and write in place (SlotStore.memory_ranges)."""
@@ -116,6 +120,13 @@ class MooncakeStore:
             if rc != 0:
                 raise RuntimeError(f"Mooncake Store refused to register {nbytes} bytes of the host pool (code {rc})")
             self._registered.append((int(ptr), int(nbytes)))
+
+    def unregister(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Before that memory goes (a pool dropped at sleep or close)."""
+        for ptr, nbytes in ranges:
+            if (int(ptr), int(nbytes)) in self._registered:
+                self._registered.remove((int(ptr), int(nbytes)))
+                self._store.unregister_buffer(int(ptr))
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """Which keys the store holds (an error answer counts as absent)."""
@@ -144,7 +155,11 @@ class MooncakeStore:
 
     def close(self) -> None:
         store, self._store = self._store, None
-        if store is not None:
+        if store is None:
+            return
+        try:
             for ptr, _ in self._registered:
                 store.unregister_buffer(ptr)
+        finally:
+            self._registered = []
             store.close()

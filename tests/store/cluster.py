@@ -31,11 +31,16 @@ class Cluster:
     def __init__(self, logs: Path, node_bytes: str = "256 MB"):
         self.logs, self.procs = logs, []
         self.master, self.meta, self.node = free_port(), free_port(), free_port()
-        self._start("master", ["mooncake_master", f"--rpc_port={self.master}", "--enable_http_metadata_server=false"])
-        self._start("metadata", ["mooncake_http_metadata_server", "--host", "127.0.0.1", "--port", str(self.meta),
-                                 "--log-level", "WARNING"])
-        self._wait(lambda: _listening(self.master) and self._metadata_up(), "master and metadata server")
-        self.start_node(node_bytes)
+        try:
+            self._start("master", ["mooncake_master", f"--rpc_port={self.master}",
+                                   "--enable_http_metadata_server=false"])
+            self._start("metadata", ["mooncake_http_metadata_server", "--host", "127.0.0.1", "--port",
+                                     str(self.meta), "--log-level", "WARNING"])
+            self._wait(lambda: _listening(self.master) and self._metadata_up(), "master and metadata server")
+            self.start_node(node_bytes)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         env = dict(os.environ, MC_TCP_BIND_ADDRESS="127.0.0.1")

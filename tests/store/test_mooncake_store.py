@@ -7,19 +7,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
-from conftest import HERE, in_private_netns
+from procs import in_private_netns  # tests/engine/procs.py (this folder's conftest puts it on the path)
 
 from lmdeploy_hostcache.mooncake_store import StoreConfig
+
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def roundtrip(store_usable, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("store") / "roundtrip.json"
-    done = subprocess.run(in_private_netns([sys.executable, str(HERE / "roundtrip.py"), "--out", str(out)]),
-                          capture_output=True, text=True, timeout=240)
+    # its own PID namespace too: if the run is killed, the store's processes go with it
+    cmd = ["unshare", "--pid", "--fork", "--kill-child", *in_private_netns([sys.executable, str(HERE / "roundtrip.py"),
+                                                                          "--out", str(out)])[1:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -45,8 +49,8 @@ def test_the_config_file_is_checked_key_by_key(tmp_path):
         return StoreConfig.from_file(str(path))
 
     good = config('{"metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051", '
-                  '"local_buffer_size": "512MB", "global_segment_size": 0}')
-    assert good.protocol == "tcp" and good.local_buffer_size == 512 << 20 and good.global_segment_size == 0
+                  '"local_buffer_size": "512MB", "global_segment_size": ".5GB"}')
+    assert good.protocol == "rdma" and good.local_buffer_size == 512 << 20 and good.global_segment_size == 1 << 29
     for text, said in [("[]", "must be a JSON object"), ("{", "is not JSON"),
                        ('{"master_server_address": "a:1"}', "metadata_server must be a non-empty string"),
                        ('{"metadata_server": "m", "master_server_address": "a:1", "protocol": "udp"}',
