@@ -18,8 +18,10 @@ CHECKPOINT = "lmdeploy.pytorch.paging.block_trie.checkpoint"
 
 @wrap(CHECKPOINT, "make_request_multimodal_identity", ["seq", "step"])
 def make_request_multimodal_identity(original: Callable, seq: Any, step: int) -> Any:
+    from ..cache_salt import of_sequence
+
     identity = original(seq, step)
-    salt = getattr(getattr(seq, "sampling_param", None), "cache_salt_identity", None)
+    salt = of_sequence(seq)
     return identity if salt is None else (*identity, salt)
 
 

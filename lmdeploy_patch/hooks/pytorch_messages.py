@@ -32,5 +32,6 @@ def from_gen_config(original: Callable, cls: Any, gen_config: Any) -> Any:
 @wrap(MESSAGES, "SchedulerSequence.get_prefix_cache_extra_identity", ["self", "start", "end"])
 def get_prefix_cache_extra_identity(original: Callable, self: Any, start: int, end: int) -> Any:
     extras = original(self, start, end)
+    # cache_salt.of_sequence, inlined: this runs for every block the trie looks at
     salt = getattr(self.sampling_param, "cache_salt_identity", None)
     return extras if salt is None else (*extras, salt)

@@ -144,6 +144,19 @@ def test_a_pool_lost_mid_run_turns_the_tier_off_and_serving_goes_on(monkeypatch,
     assert_balanced(eng)
 
 
+class _Finished:
+    """A save transfer already complete: without an error, or failed with one."""
+
+    def __init__(self, error: str = ""):
+        self.error = error
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> bool:
+        return not self.error
+
+
 def test_the_ledger_holds_back_unfinished_saves_when_verifying():
     """A slot whose latest save has not reached the rank (or has not
     completed) is not served with verification on: its bytes are older."""
@@ -152,16 +165,7 @@ def test_the_ledger_holds_back_unfinished_saves_when_verifying():
     ledger.planned(1)
     assert ledger.check(np.array([1], dtype=np.uint32)) == (0, slot_ledger.UNCONFIRMED)
 
-    class Done:
-        error = ""
-
-        def done(self):
-            return True
-
-        def wait(self):
-            return True
-
-    ledger.submitted(Done(), np.array([1], dtype=np.uint32), np.array([3], dtype=np.int32))
+    ledger.submitted(_Finished(), np.array([1], dtype=np.uint32), np.array([3], dtype=np.int32))
     assert ledger.check(np.array([1], dtype=np.uint32)) == (1, "")  # settled and checksummed now
     sums[1] = 8  # the bytes changed in host memory
     assert ledger.check(np.array([1], dtype=np.uint32)) == (0, slot_ledger.MISMATCH)
@@ -173,21 +177,12 @@ def test_an_older_failed_save_is_not_redone_over_a_newer_one():
     redone = []
     ledger = slot_ledger.SlotLedger(4, False, lambda s: 0, lambda s, b: redone.append((s.tolist(), b.tolist())))
 
-    class Failed:
-        error = "injected"
-
-        def done(self):
-            return True
-
-        def wait(self):
-            return False
-
     slots = np.array([2], dtype=np.uint32)
-    ledger.submitted(Failed(), slots, np.array([5], dtype=np.int32))
+    ledger.submitted(_Finished("injected"), slots, np.array([5], dtype=np.int32))
     ledger.copied(slots)  # a newer save into the slot finished (the index reused it)
     ledger.settle()
     assert redone == [] and ledger.counts["copy_failures"] == 1
-    ledger.submitted(Failed(), slots, np.array([6], dtype=np.int32))
+    ledger.submitted(_Finished("injected"), slots, np.array([6], dtype=np.int32))
     ledger.settle()
     assert redone == [([2], [6])] and ledger.counts["copies_redone"] == 1
 
@@ -244,6 +239,8 @@ def test_a_restore_matched_before_its_save_was_lost_never_reaches_the_model(monk
     """LMDeploy plans forward N+1 while forward N runs, so a slot can be
     matched before N's save into it fails on both paths. The rank then
     refuses to run N+1 rather than let the model read what the slot holds."""
+    import torch
+
     from lmdeploy_patch.fallback_copy import FallbackCopier
 
     worker, pool = _worker(monkeypatch, "queue=1")  # the engine refuses every copy
@@ -257,13 +254,7 @@ def test_a_restore_matched_before_its_save_was_lost_never_reaches_the_model(monk
     before = pool[:, 9].clone()
     with pytest.raises(RuntimeError, match="a planned restore cannot be carried out: host slot 3 holds no saved"):
         worker.before_model(_plan(restore=[(3, 9)]), None)  # forward N+1, planned before N ran
-    assert torch_equal(pool[:, 9], before)  # nothing was copied into the block
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
+    assert torch.equal(pool[:, 9], before)  # nothing was copied into the block
 
 
 def test_a_slot_that_changed_after_its_check_is_named_as_the_cause(monkeypatch):
@@ -293,16 +284,7 @@ def test_a_failed_save_on_a_gpu_is_a_device_fault():
     redone = []
     ledger = slot_ledger.SlotLedger(4, False, lambda s: 0, lambda s, b: redone.append(s), cuda=True)
 
-    class Failed:
-        error = "illegal address"
-
-        def done(self):
-            return True
-
-        def wait(self):
-            return False
-
-    ledger.submitted(Failed(), np.array([1], dtype=np.uint32), np.array([2], dtype=np.int32))
+    ledger.submitted(_Finished("illegal address"), np.array([1], dtype=np.uint32), np.array([2], dtype=np.int32))
     with pytest.raises(RuntimeError, match="failed on the device"):
         ledger.settle()
     assert redone == []
