@@ -1,6 +1,6 @@
 """`--host-cache`, `--host-cache-ratio`, `--host-cache-size`,
-`--host-cache-write-policy`, `--host-cache-restore-policy` and `--host-cache-verify` on the
-`lmdeploy` command line.
+`--host-cache-write-policy`, `--host-cache-restore-policy`, `--host-cache-verify` and
+`--host-cache-store` on the `lmdeploy` command line.
 
 Where the flags go: LMDeploy builds its parsers at run time from
 `cli.utils.ArgumentHelper` staticmethods, and every parser that configures a
@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 from .compat import STATE
 from .settings import (DEFAULT_HOST_CACHE_RATIO, DEFAULT_RESTORE_POLICY, DEFAULT_WRITE_POLICY, GIB, HOST_CACHE_FIELDS,
-                       RESTORE_POLICIES, WRITE_POLICIES, DefaultRatio, check_ratio, check_size, ram_reserve_bytes)
+                       RESTORE_POLICIES, WRITE_POLICIES, DefaultRatio, check_ratio, check_size, check_store,
+                       ram_reserve_bytes)
 
 TURBOMIND_FLAG_ERROR = (
     "--backend turbomind cannot serve the host KV-cache tier (--host-cache*): TurboMind's compiled engine "
@@ -70,6 +71,10 @@ HELP = {
     "--host-cache-verify": ("Checksum every block saved to host memory and check it before the block is "
                             "restored: a block whose bytes changed is dropped from the host cache and "
                             "recomputed (costs a hash per saved and restored block). Default: off."),
+    "--host-cache-store": ("A Mooncake Store behind the host pool, shared by every engine given the same file: "
+                           "the path of its JSON config (metadata_server, master_server_address, protocol tcp or "
+                           "rdma, segment sizes; the format LMDeploy's Mooncake connector reads). Turns "
+                           "--host-cache on when no size is given. Default: unset (host memory only)."),
 }
 
 
@@ -107,6 +112,21 @@ def _number_type(check: Callable[[object, str], Any], flag: str) -> Callable[[st
     return convert
 
 
+def _text_type(check: Callable[[object, str], Any], flag: str) -> Callable[[str], Any]:
+    """An argparse `type` for a text value checked like its config field."""
+
+    def convert(text: str) -> Any:
+        import argparse
+
+        try:
+            return check(text, flag)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = "path"
+    return convert
+
+
 @functools.lru_cache(maxsize=None)
 def _switch_action() -> type:
     """The `--host-cache` action class (built lazily: argparse is not imported
@@ -124,6 +144,20 @@ def _switch_action() -> type:
                 setattr(namespace, self.dest, DefaultRatio(DEFAULT_HOST_CACHE_RATIO))
 
     return HostCacheSwitch
+
+
+@functools.lru_cache(maxsize=None)
+def _store_action() -> type:
+    """`--host-cache-store PATH`: also what `--host-cache` sets, unless a ratio was given (a size wins anyway)."""
+    import argparse
+
+    class HostCacheStore(argparse.Action):
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+            setattr(namespace, self.dest, values)
+            if not hasattr(namespace, "host_cache_ratio"):
+                setattr(namespace, "host_cache_ratio", DefaultRatio(DEFAULT_HOST_CACHE_RATIO))
+
+    return HostCacheStore
 
 
 def _reserve_gib_for_help() -> float:
@@ -158,6 +192,9 @@ def add_host_cache_arguments(container: Any) -> None:
                            choices=RESTORE_POLICIES, default=hidden, help=HELP["--host-cache-restore-policy"])
     container.add_argument("--host-cache-verify", dest="host_cache_verify", action="store_const", const=True,
                            default=hidden, help=HELP["--host-cache-verify"])
+    container.add_argument("--host-cache-store", dest="host_cache_store", metavar="PATH", default=hidden,
+                           action=_store_action(), type=_text_type(check_store, "--host-cache-store"),
+                           help=HELP["--host-cache-store"])
 
 
 def given_host_cache_values(args: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import weakref
 from typing import Any, Iterator
 
 from .lost_hits import CAUSES
+from .store_link import FAILURE_KINDS
 
 # The lost-hit causes that existed before the rename (recomputed_by_choice came with it).
 _CAUSES_BEFORE = ("never_saved", "save_dropped", "evicted_from_host", "partial_block", "preempted")
@@ -70,6 +71,23 @@ COUNTERS = {
     **{f"lost_{cause}_tokens": (f"host_lost_{cause}_tokens",
                                 f"Prompt tokens a never-evicting GPU cache would have served, recomputed: {cause} "
                                 "(lmdeploy_patch/lost_hits.py).") for cause in CAUSES},
+    # The Mooncake Store behind the host pool (host_cache_store; lmdeploy_patch/store_tier.py)
+    "store_lookups": ("host_store_lookups", "Matches that continued from the host tier into the store."),
+    "store_queried_blocks": ("host_store_queried_blocks", "Blocks looked up in the store."),
+    "store_hit_blocks": ("host_store_hit_blocks", "Blocks fetched from the store into host memory by matches."),
+    "store_hit_tokens": ("host_store_hit_tokens", "Prompt tokens of those blocks."),
+    "store_read_bytes": ("host_store_bytes_read", "Bytes read from the store (this process's ranks)."),
+    "store_written_bytes": ("host_store_bytes_written", "Bytes written to the store (this process's ranks)."),
+    "store_blocks_put": ("host_store_blocks_put", "Host blocks put to the store."),
+    "store_blocks_present": ("host_store_blocks_present", "Host blocks not put because the store held them."),
+    "store_skipped_down": ("host_store_skipped_down", "Blocks neither looked up nor put while the store was "
+                                                      "backing off after a failure."),
+    "store_puts_unconfirmed": ("host_store_puts_unconfirmed",
+                               "Saved blocks not put: their host slot was reused before their save was seen "
+                               "complete."),
+    **{f"store_failures_{kind}": (f"host_store_failures_{kind}", f"Store calls or blocks that failed: {kind} "
+                                                                 "(lmdeploy_patch/store_link.py).")
+       for kind in FAILURE_KINDS},
 }
 GAUGES = {
     "slots_used": ("host_slots_used", "Host-tier blocks held."),
@@ -84,11 +102,15 @@ GAUGES = {
     "prefill_tokens_per_second": ("host_prefill_tokens_per_second",
                                   "Prefill throughput learned from this engine's forwards (0: not enough "
                                   "samples yet)."),
+    "store_up": ("host_store_up", "1 while every rank's store link is up (0: backing off after a failure, or "
+                                  "never connected)."),
 }
 HISTOGRAMS = {
     "restore_latency_seconds": ("host_restore_latency", "Seconds from a restore's plan to its copy complete, "
                                                         "per rank (this process's ranks)."),
     "restore_size_bytes": ("host_restore_size", "Bytes restored per admission, over all ranks."),
+    **{f"store_{name}_latency_seconds": (f"host_store_{name}_latency", f"Seconds per store {name} call, per rank.")
+       for name in ("lookup", "fetch", "put")},
 }
 
 # Old name (before the conventions) -> new exposition name.

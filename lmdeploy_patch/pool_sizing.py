@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import store_keys
 from .eligibility import off_reason, turn_off
 from .log import log_once
 from .settings import GIB, DefaultRatio, host_cache_requested, ram_budget, ram_reserve_bytes, slot_stride
@@ -67,9 +68,19 @@ def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on
         f"{reserve / GIB:.0f} GiB is kept in reserve ({fits / GIB:.2f} GiB usable); set {most}")
 
 
+def store_namespace(cache_config: Any, model_config: Any, tp: int, slot_bytes: int) -> str:
+    """What an engine's store keys share (store_keys.engine_namespace): its
+    model, KV dtype, quant policy, block size, tensor-parallel size, slot bytes."""
+    hf_config = getattr(model_config, "hf_config", None)
+    name, digest = store_keys.model_identity(hf_config) if hf_config is not None else ("", "")
+    dtype = str(getattr(model_config, "dtype", ""))
+    return store_keys.engine_namespace(name, digest, dtype, int(cache_config.quant_policy), cache_config.block_size,
+                                       tp, slot_bytes)
+
+
 def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cache_config: Any,
                    memory_model_cache: bool = False, model_paradigm: str = "ar", engines: int = 1,
-                   ranks_here: bool = True) -> None:
+                   ranks_here: bool = True, model_config: Any = None, tp: int = 1) -> None:
     """In the driver, once num_gpu_blocks is final: decide the tier and the
     slot count that the scheduler and every rank will use. `engines`: the
     data-parallel engines, each sizing its own pool from the same RAM; all
@@ -82,6 +93,12 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
         raise ValueError("host_cache_verify=True checks host slots from the scheduler, which needs this engine's "
                          "ranks in its process (one GPU, or the CPU engine); with ranks in other processes set "
                          "host_cache_verify=False")
+    store = getattr(cache_config, "host_cache_store", None)
+    if store and not ranks_here:
+        # Fetches fill the ranks' host slots from the scheduler's process (store_tier.py).
+        raise ValueError("host_cache_store fetches into the ranks' host pools from the scheduler, which needs this "
+                         "engine's ranks in its process (one GPU, or the CPU engine); with ranks in other processes "
+                         "leave host_cache_store unset")
     reason = off_reason(cache_config)
     if reason is None and spec_cache_config is not None:
         reason = "speculative decoding keeps a draft-model KV cache that the host tier does not save"
@@ -92,6 +109,9 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
     if reason is None and memory_model_cache:
         reason = "MemDecode keeps a memory-model KV cache in the same blocks that the host tier does not save"
     if reason is not None:
+        if store:
+            reason += ("; host_cache_store is not used either: LMDeploy's own KV connector is the only one in play"
+                       if "connector" in reason else "; so is its store (host_cache_store)")
         turn_off(cache_config, reason)
         return
     available, source = ram_budget()
@@ -102,6 +122,9 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
     cache_config.host_cache_rank_block_bytes = max(block_bytes_per_rank)  # ranks copy their shares in parallel
     # The scheduler's process: a rank there whose pool fails can turn the tier off (rank_tier.attach_to_agent).
     cache_config.host_cache_pid = os.getpid()
+    if store:
+        cache_config.host_cache_store_namespace = store_namespace(cache_config, model_config, tp,
+                                                                  max(block_bytes_per_rank))
     total = slots * sum(block_bytes_per_rank)
     log_once(f"host pool: {slots} blocks per rank, {total / GIB:.2f} GiB over {len(block_bytes_per_rank)} rank(s) "
              f"({slots / max(1, cache_config.num_gpu_blocks):.2f}x the GPU cache)")

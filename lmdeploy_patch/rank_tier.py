@@ -40,7 +40,7 @@ import numpy as np
 from lmdeploy_hostcache import HostCacheConfig, Region, SlotStore
 from lmdeploy_hostcache.config import COPY_PATHS, PIN_MODES
 
-from . import faults, slot_ledger
+from . import faults, slot_ledger, store_keys, store_link
 from .copy_plan import HostCopyPlan
 from .eligibility import tier_slots, turn_off
 from .fallback_copy import FallbackCopier
@@ -126,6 +126,10 @@ class WorkerTier:
         self._forwards: list[tuple[int, Any, Any]] = []      # (tokens, start, end) of prefill forwards, CUDA
         self._forward_start: Optional[tuple[int, Any]] = None
         self.prefill_samples: list[tuple[int, float]] = []  # (tokens, seconds) not yet read by the scheduler
+        # With a store behind the pool: this rank's link to it (connect_store), and
+        # restores recorded in the ledger (the store fills only quiet slots: slot_ledger.quiet).
+        self.link: Optional[store_link.StoreLink] = None
+        self.records_restores = False
         self.report_pinning()
 
     def report_pinning(self) -> None:
@@ -266,6 +270,8 @@ class WorkerTier:
                 # 0: no wait for the forwards already queued (see HostCopyPlan.restore_after_forward)
                 after = stream if plan.restore_after_forward or stream is None else 0
                 transfer = self._copy("restore", plan.restore_slots, plan.restore_blocks, after)
+                if self.records_restores:
+                    self.ledger.restoring(transfer, plan.restore_slots)
                 if transfer is not None:
                     self._restores_unseen.append((plan.created, transfer))
                     self._checking.append((transfer, plan.restore_slots, plan.restore_blocks))
@@ -450,12 +456,52 @@ class WorkerTier:
             self.blocks_saved += len(plan.post_slots)
 
     def close(self) -> None:
-        """Waits for every copy this rank started (the pools are about to go)."""
+        """Waits for every copy this rank started (the pools are about to go);
+        the store link stops, within a bound (store_link.StoreLink.close)."""
         for pending in self._unwaited.values():
             for t in pending:
                 t.wait()
             pending.clear()
         slot_ledger.unregister(self.ledger)
+        link, self.link = self.link, None
+        if link is not None:
+            store_link.unregister(link)
+            if not link.close(STORE_CLOSE_S):
+                log_once(f"the Mooncake Store did not answer within {STORE_CLOSE_S:g} s at shutdown; its client "
+                         "is left to finish on its own")
+
+
+# How long dropping a rank's pool waits for its store client to finish.
+STORE_CLOSE_S = 5.0
+
+
+def connect_store(cache_config: Any, worker: WorkerTier, rank: int) -> None:
+    """The rank's link to the Mooncake Store of host_cache_store, its host
+    pool registered; a store that cannot be reached leaves the host tier
+    alone, said in one line."""
+    path = getattr(cache_config, "host_cache_store", None)
+    namespace = getattr(cache_config, "host_cache_store_namespace", None)
+    if not path or namespace is None:
+        return
+    worker.records_restores = True
+    from lmdeploy_hostcache.mooncake_store import FULL, MISSING, MooncakeStore, StoreConfig
+
+    config = StoreConfig.from_file(path)
+    client = None
+    try:
+        client = MooncakeStore(config)
+        client.register(worker.store.memory_ranges())
+    except Exception as e:  # noqa: BLE001 - unreachable, refused, not installed: the host tier serves alone
+        if client is not None:
+            client.close()
+        log_once(f"the Mooncake Store of host_cache_store ({path}) cannot be used ({e}); serving with the host "
+                 "tier alone")
+        return
+    worker.link = store_link.StoreLink(client, store_keys.key_prefix(namespace, rank), worker.store.slot_address,
+                                       worker.store.slot_bytes, keep_alive=worker.store, missing=MISSING, full=FULL)
+    store_link.register(worker.config_id, worker.link)
+    log_once(f"host cache store on: Mooncake master {config.master_server_address} ({config.protocol}), keys under "
+             f"{store_keys.key_prefix(namespace, rank)}")
 
 
 def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",
@@ -626,6 +672,7 @@ def attach_to_agent(agent: Any) -> None:
         slot_ledger.register(id(cc), lost)
         _LOST_BY_AGENT[agent] = lost
         return
+    connect_store(cc, worker, int(getattr(agent, "rank", 0) or 0))
     register(agent.cache_engine, worker, agent)
 
 

@@ -66,7 +66,7 @@ from .continuations import Continuations
 from .copy_plan import HostCopyPlan
 from .eligibility import off_reason, tier_slots, turn_off
 from .histogram import SIZE_BOUNDS_BYTES, Histogram
-from . import cache_salt, slot_ledger
+from . import cache_salt, slot_ledger, store_keys
 from .log import log_once, logger
 from .lost_hits import LostHits, shadow_keys
 from .restore_decision import RestoreDecider
@@ -98,13 +98,14 @@ def seq_namespace(seq: Any) -> int:
 class NodeRecord:
     """What the tier knows of one trie node."""
 
-    __slots__ = ("tier", "key", "parent_key", "ns", "tokens", "saved", "hits")
+    __slots__ = ("tier", "key", "parent_key", "ns", "tokens", "saved", "hits", "digest")
 
     def __init__(self, tier: "HostTier", key: Optional[int], parent_key: int = 0, ns: int = 0,
-                 tokens: Optional[np.ndarray] = None):
+                 tokens: Optional[np.ndarray] = None, digest: Optional[bytes] = None):
         self.tier, self.key, self.parent_key, self.ns, self.tokens = tier, key, parent_key, ns, tokens
         self.saved = False
         self.hits = 0
+        self.digest = digest  # the store's chain digest (store_keys.py), with a store behind the pool
 
 
 _RECORDS: "weakref.WeakKeyDictionary[Any, NodeRecord]" = weakref.WeakKeyDictionary()
@@ -193,6 +194,7 @@ class HostTier:
         self.config_id = config_id
         self.verify = verify
         self.off: Optional[str] = None  # why the tier stopped mid-run (its pool became unusable)
+        self.store: Any = None  # store_tier.StoreTier behind the pool (use_store), or None
 
     def _ledgers(self) -> list:
         """This engine's ranks' ledgers in this process (rebuilt with their pools after a sleep)."""
@@ -212,6 +214,14 @@ class HostTier:
             log_once(f"host cache off for the rest of the run: {lost}; serving goes on without it")
         return True
 
+    def use_store(self, store: Any) -> None:
+        """A Mooncake Store behind the pool (store_tier.py): from now on
+        saved blocks are put to it and matches continue in it."""
+        self.store = store
+        for rec in list(_RECORDS.values()):
+            if rec.tier is self and rec.key == ROOT_KEY:
+                rec.digest = store.root
+
     def serve(self, *owners: Any) -> None:
         """`tier_of(owner)` is this tier from now on."""
         for owner in owners:
@@ -221,7 +231,7 @@ class HostTier:
 
     def add_root(self, root: Any) -> None:
         if root not in _RECORDS:
-            _RECORDS[root] = NodeRecord(self, ROOT_KEY)
+            _RECORDS[root] = NodeRecord(self, ROOT_KEY, digest=self.store.root if self.store is not None else None)
 
     def on_attach(self, node: Any, parent_record: NodeRecord) -> None:
         """A trie node attached under a node this tier knows (schedule time,
@@ -233,7 +243,9 @@ class HostTier:
         ns = cache_salt.namespace(node.adapter_name, salt)
         tokens = as_tokens(node.token_ids)
         key = _core.chain_key(parent_record.key, ns, tokens)
-        _RECORDS[node] = NodeRecord(self, key, parent_record.key, ns, tokens)
+        digest = (store_keys.block_digest(parent_record.digest, ns, tokens)
+                  if self.store is not None and parent_record.digest is not None else None)
+        _RECORDS[node] = NodeRecord(self, key, parent_record.key, ns, tokens, digest)
         self.lost.computed(key)
         if self.write_policy == "write_through":
             self._post_nodes.append(node)
@@ -273,9 +285,11 @@ class HostTier:
     def _physical(self, logical: int) -> int:
         return int(self.allocator.get_physical_blocks(np.array([logical]))[0])
 
-    def _reserve(self, parent: int, ns: int, tokens: np.ndarray) -> tuple[str, int, Optional[int]]:
+    def _reserve(self, parent: int, ns: int, tokens: np.ndarray,
+                 digest: Optional[bytes] = None) -> tuple[str, int, Optional[int]]:
         """Inserts one block into the index: (status, key, the slot to copy
-        it to, or None when it is already stored or cannot be)."""
+        it to, or None when it is already stored or cannot be); with a store,
+        a block with a digest is put to it once saved."""
         if self.off is not None:
             return "off", 0, None  # the pool is lost: nothing more is saved
         status, key, slot = self.index.reserve(parent, ns, tokens)
@@ -285,6 +299,8 @@ class HostTier:
             self.index.saved(slot, True)
             for ledger in self._ledgers():
                 ledger.planned(slot)
+            if self.store is not None:
+                self.store.created(slot, digest)
             self.stats.blocks_saved += 1
             return status, key, slot
         if status in ("full", "collision"):
@@ -293,7 +309,7 @@ class HostTier:
 
     def _store(self, rec: NodeRecord) -> Optional[int]:
         """A trie node's block into the index (_reserve); the slot to copy it to."""
-        status, key, slot = self._reserve(rec.parent_key, rec.ns, rec.tokens)
+        status, key, slot = self._reserve(rec.parent_key, rec.ns, rec.tokens, rec.digest)
         if status == "off":
             return None
         rec.saved = True
@@ -343,9 +359,13 @@ class HostTier:
         queried = 0
         if end > start:
             queried = end - start
-            keys, slots = self.index.match(cursor_record.key, ns, as_tokens(seq.history_cache[start:end]), True)
+            tokens = as_tokens(seq.history_cache[start:end])
+            keys, slots = self.index.match(cursor_record.key, ns, tokens, True)
             n = self._servable(seq, slots, start)
+            cut = n < len(slots)
             keys, slots = keys[:n], slots[:n]
+            if self.store is not None and not cut and start + n * bs < end:
+                keys, slots = self._continue_in_store(cursor_record, ns, tokens, keys, slots)
         after = start + len(slots) * bs
         parent = keys[-1] if len(keys) else cursor_record.key
         tail, tail_tokens = self._match_tail(seq, parent, ns, after)
@@ -379,6 +399,19 @@ class HostTier:
             trie.stats.num_hit_tokens += hit  # rollback restores LMDeploy's snapshot of these stats
         self.stats.hit_tokens += hit
         self.stats.tail_hit_tokens += tail_tokens
+
+    def _continue_in_store(self, cursor_record: NodeRecord, ns: int, tokens: np.ndarray, keys: np.ndarray,
+                           slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The host match (keys, slots over `tokens`) continued by the blocks
+        the store holds next, fetched into host slots (store_tier.extend)."""
+        bs = self.block_size
+        n = len(slots)
+        digest = self.store.digest_after(cursor_record.digest, ns, tokens[:n * bs])
+        parent = int(keys[-1]) if n else cursor_record.key
+        more_keys, more_slots = self.store.extend(self.index, self._ledgers(), parent, digest, ns, tokens[n * bs:])
+        if not len(more_slots):
+            return keys, slots
+        return np.concatenate([keys, more_keys]), np.concatenate([slots, more_slots]).astype(np.uint32)
 
     def _servable(self, seq: Any, slots: np.ndarray, start: int) -> int:
         """How many of the matched `slots` (pinned, a prefix from token
@@ -529,6 +562,8 @@ class HostTier:
 
     def take_plan(self, running: list[Any]) -> HostCopyPlan:
         """Everything the forward about to be dispatched must carry."""
+        if self.store is not None:
+            self.store.pump(self.index, self._ledgers())
         pre, self._pre = self._pre, []
         restore = self._planned_restores(running)
         post = self._planned_saves()
@@ -574,6 +609,9 @@ class HostTier:
             self.index.begin_restore(slots, True)
             self.index.restored(slots, True, True)
             restore += zip(slots.tolist(), np.asarray(physical)[taken].tolist())
+            if self.store is not None:  # a slot is filled from the store only once these ran (slot_ledger.quiet)
+                for ledger in self._ledgers():
+                    ledger.planned_restore(slots)
             if len(slots):
                 self.restore_size.observe(len(slots) * self.bytes_per_block)
         self.stats.blocks_restored += len(restore)
@@ -631,6 +669,8 @@ class HostTier:
         self.lost.reset()
         self._evicted = False
         self._in_flight = (_NO_BLOCKS, _NO_BLOCKS)
+        if self.store is not None:
+            self.store.reset()
 
     def has_pending_restore(self, seq: Any) -> bool:
         return seq.seq_id in self._restores
@@ -657,6 +697,7 @@ class HostTier:
             **self.decider.metrics(), "host_restore_size": self.restore_size.snapshot(),
             "host_verify_failures": s.verify_failures, "host_verify_dropped_blocks": s.verify_dropped_blocks,
             "host_verify_unconfirmed_blocks": s.verify_unconfirmed_blocks, "host_tier_off": int(self.off is not None),
+            **(self.store.metrics() if self.store is not None else {}),
         }
 
 

@@ -14,7 +14,7 @@ import contextvars
 from typing import Any, Iterator, Mapping
 
 HOST_CACHE_FIELDS: tuple[str, ...] = ("host_cache_ratio", "host_cache_size", "host_cache_write_policy",
-                                      "host_cache_restore_policy", "host_cache_verify")
+                                      "host_cache_restore_policy", "host_cache_verify", "host_cache_store")
 WRITE_POLICIES: tuple[str, ...] = ("write_through", "write_through_selective", "write_back")
 DEFAULT_WRITE_POLICY = "write_through"
 # Whether a host hit is restored or recomputed (restore_decision.py).
@@ -27,9 +27,12 @@ FIELD_DEFAULTS: dict[str, Any] = {
     "host_cache_restore_policy": DEFAULT_RESTORE_POLICY,
     # Checksums of saved blocks, checked before a restore is used (slot_ledger.py).
     "host_cache_verify": False,
+    # A Mooncake Store behind the host pool: the path of its JSON config (store_tier.py).
+    "host_cache_store": None,
 }
 FIELD_TYPES: dict[str, Any] = {"host_cache_ratio": float, "host_cache_size": float | None,
-                               "host_cache_write_policy": str, "host_cache_restore_policy": str, "host_cache_verify": bool}
+                               "host_cache_write_policy": str, "host_cache_restore_policy": str, "host_cache_verify": bool,
+                               "host_cache_store": str | None}
 # What `--host-cache` turns on: host pool = 4 x this rank's GPU KV-cache bytes.
 DEFAULT_HOST_CACHE_RATIO = 4.0
 
@@ -167,19 +170,52 @@ def check_verify(value: object, name: str = "host_cache_verify") -> bool:
     return value
 
 
+STORE_RANGE = "None, or the path of a Mooncake Store JSON config (the format LMDeploy's Mooncake connector reads)"
+
+
+def check_store(value: object, name: str = "host_cache_store") -> str | None:
+    """The path, once its file reads as a Mooncake config; the error names
+    `name`, the file and the key to change. The store itself is reached only
+    when the engine starts (an unreachable one leaves the host tier alone)."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be {STORE_RANGE}; got {value!r}")
+    from lmdeploy_hostcache.mooncake_store import StoreConfig
+
+    try:
+        StoreConfig.from_file(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return os.path.abspath(value)  # the workers may start in another directory
+
+
 def validate_host_cache_values(values: Mapping[str, Any], *, check_ram: bool = True) -> dict[str, Any]:
     """All the fields (missing ones take their defaults), validated and normalised."""
     merged = {**FIELD_DEFAULTS, **values}
     unknown = set(merged) - set(HOST_CACHE_FIELDS)
     if unknown:
         raise TypeError(f"unknown host-cache settings {sorted(unknown)}; known: {list(HOST_CACHE_FIELDS)}")
-    return {
+    checked = {
         "host_cache_ratio": check_ratio(merged["host_cache_ratio"]),
         "host_cache_size": check_size(merged["host_cache_size"], check_ram=check_ram),
         "host_cache_write_policy": check_policy(merged["host_cache_write_policy"]),
         "host_cache_restore_policy": check_restore_policy(merged["host_cache_restore_policy"]),
         "host_cache_verify": check_verify(merged["host_cache_verify"]),
+        "host_cache_store": check_store(merged["host_cache_store"]),
     }
+    if checked["host_cache_store"] is not None and not host_cache_requested(_Values(checked)):
+        # The store sits behind the host pool: its puts and gets go through host slots.
+        raise ValueError("host_cache_store needs the host pool it sits behind: set host_cache_ratio > 0 or "
+                         "host_cache_size too (on the CLI, --host-cache-store turns --host-cache on)")
+    return checked
+
+
+class _Values:
+    def __init__(self, values: Mapping[str, Any]):
+        self.__dict__.update(values)
 
 
 def validate_host_cache_fields(cfg: Any, *, check_ram: bool = True) -> None:

@@ -20,7 +20,12 @@ ledger is what keeps that right when one fails, and what verification
   the slot when its save is seen complete: a later mismatch means the bytes
   changed in host memory;
 - whether the pool became unusable (`lost`): both copy paths failed, or it
-  could not be built again after a sleep.
+  could not be built again after a sleep;
+- with a store behind the pool (store_tier.py), the restores planned from
+  each slot and those the rank queued and saw complete: a slot is filled
+  from the store only while no copy of this rank is planned or running on
+  it (`quiet`), and put to the store only once its latest save completed
+  (`confirmed`); a slot the store filled is `filled`.
 
 The scheduler side asks `check` before it pins a host hit
 (scheduler_tier.HostTier.continue_match) and marks `planned` saves; the rank
@@ -65,6 +70,9 @@ class SlotLedger:
         self.lost: Optional[str] = None
         self.watched = False  # a scheduler in this process reads this ledger
         self.counts = {"copy_failures": 0, "copies_redone": 0, "restore_mismatches": 0}
+        self._restores_planned = np.zeros(num_slots, dtype=np.int64)
+        self._restores_queued = np.zeros(num_slots, dtype=np.int64)
+        self._restoring: list[tuple[Any, np.ndarray]] = []  # (transfer, slots) restores not yet seen complete
         # Re-entrant: the scheduler's check() settles saves, which may run the
         # rank's repair (and its waits) from inside the lock.
         self._lock = threading.RLock()
@@ -82,6 +90,64 @@ class SlotLedger:
         with self._lock:
             if slot < len(self._planned):
                 self._planned[slot] += 1
+
+    def planned_restore(self, slots: np.ndarray) -> None:
+        with self._lock:
+            np.add.at(self._restores_planned, np.asarray(slots, dtype=np.int64), 1)
+
+    def _busy(self) -> set[int]:
+        """Slots a queued copy of this rank may still read or write."""
+        self._restoring = [(t, s) for t, s in self._restoring if not t.done()]
+        busy = {int(x) for _, s in self._restoring for x in s.tolist()}
+        busy.update(int(x) for f in self._in_flight for x in f[1].tolist())
+        return busy
+
+    def quiet(self, slots: np.ndarray) -> np.ndarray:
+        """Which of `slots` no copy of this rank reads or writes, planned and
+        not yet queued, or queued and not yet complete: another writer (the
+        store) may fill those now. Never waits."""
+        with self._lock:
+            slots = np.asarray(slots, dtype=np.int64)
+            if self.lost or not len(slots):
+                return np.zeros(len(slots), dtype=bool)
+            try:
+                self.settle()
+            except RuntimeError:
+                return np.zeros(len(slots), dtype=bool)
+            ok = (self._carried[slots] == self._planned[slots]) & (
+                self._restores_queued[slots] == self._restores_planned[slots])
+            busy = self._busy()
+            if busy:
+                ok &= ~np.isin(slots, list(busy))
+            return ok
+
+    def confirmed(self, slots: np.ndarray) -> np.ndarray:
+        """Which of `slots` hold the bytes of their latest planned save, seen
+        complete (and checksummed, with verification): what may be put to
+        the store. Never waits."""
+        with self._lock:
+            slots = np.asarray(slots, dtype=np.int64)
+            if self.lost:
+                return np.zeros(len(slots), dtype=bool)
+            try:
+                self.settle()
+            except RuntimeError:
+                return np.zeros(len(slots), dtype=bool)
+            ok = (self._carried[slots] >= self._planned[slots]) & (self._carried[slots] > 0) & ~self._failed[slots]
+            if self.verify:
+                ok &= self._summed[slots]
+            flying = {int(x) for f in self._in_flight for x in f[1].tolist()}
+            if flying:
+                ok &= ~np.isin(slots, list(flying))
+            return ok
+
+    def filled(self, slots: np.ndarray) -> None:
+        """The store wrote good bytes (exactly a slot's size) into `slots`."""
+        with self._lock:
+            slots = np.asarray(slots, dtype=np.int64)
+            np.add.at(self._planned, slots, 1)
+            np.add.at(self._carried, slots, 1)
+            self._finished(slots)
 
     def check(self, slots: np.ndarray) -> tuple[int, str]:
         """How many of `slots` (a matched prefix, in order) can be restored
@@ -139,6 +205,15 @@ class SlotLedger:
             self._summed[slots] = False
             self._failed[slots] = False
             self._in_flight.append((transfer, slots, blocks, self._carried[slots].copy()))
+
+    def restoring(self, transfer: Any, slots: np.ndarray) -> None:
+        """A restore from `slots` was queued (transfer) or made (None: the fallback path)."""
+        with self._lock:
+            slots = np.asarray(slots, dtype=np.int64)
+            np.add.at(self._restores_queued, slots, 1)
+            self._restoring = [(t, s) for t, s in self._restoring if not t.done()]  # a bound, without quiet() calls
+            if transfer is not None:
+                self._restoring.append((transfer, slots))
 
     def copied(self, slots: np.ndarray) -> None:
         """A save into `slots` finished on the fallback path."""

@@ -26,6 +26,8 @@ def balance_problems(scheduler: Any, tier: Optional[Any]) -> list[str]:
     free = bm.get_num_free_gpu_blocks()
     if free + trie_nodes != usable:
         problems.append(f"GPU blocks leaked: {free} free + {trie_nodes} in the trie != {usable} usable")
+    if tier is not None and tier.store is not None and not tier.store.drain(tier.index, tier._ledgers()):
+        problems.append("store puts or fetches still running 10 s after the engine went idle")
     if tier is not None:
         ix = tier.index
         try:

@@ -17,9 +17,9 @@ LAYERS: dict[int, set[str]] = {
     0: {"patcher", "log", "import_hooks", "compat", "hook"},
     1: {"settings"},
     2: {"eligibility", "copy_plan", "lost_hits", "histogram", "restore_decision", "continuations", "slot_ledger", "cache_salt",
-        "faults", "fallback_copy"},
+        "faults", "fallback_copy", "store_keys", "store_link"},
     3: {"scheduler_tier", "rank_tier", "pool_sizing", "config_fields", "cli_flags", "turbomind_fallback",
-        "metrics_export"},
+        "metrics_export", "store_tier"},
     4: {"hooks." + p.stem for p in (PACKAGE / "hooks").glob("*.py") if p.stem != "__init__"} | {"hooks"},
     5: {"registry", "_activate", ""},  # "" is the package's __init__
 }

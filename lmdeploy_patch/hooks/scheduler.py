@@ -1,5 +1,5 @@
-"""lmdeploy.pytorch.paging.scheduler.Scheduler: the tier is built with the
-scheduler (once the trie and the allocator exist), its figures ride on
+"""lmdeploy.pytorch.paging.scheduler.Scheduler: the tier (and the store behind
+it) is built with the scheduler (once the trie and the allocator exist), its figures ride on
 LMDeploy's ScheduleMetrics (metrics_export.py), and preemptions (a running
 sequence that cannot grow goes back to waiting, its blocks kept for now) are
 noted for the lost-hit books (lost_hits.py); nothing of LMDeploy's changes."""
@@ -15,11 +15,13 @@ SCHEDULER = "lmdeploy.pytorch.paging.scheduler"
 @wrap(SCHEDULER, "Scheduler.__init__", ["self", "scheduler_config", "cache_config"])
 def __init__(original: Callable, self: Any, scheduler_config: Any, cache_config: Any, *args: Any,
              **kwargs: Any) -> None:
-    from ..scheduler_tier import attach, prepare
+    from ..scheduler_tier import attach, prepare, tier_of
+    from ..store_tier import attach as attach_store
 
     prepare(cache_config)
     original(self, scheduler_config, cache_config, *args, **kwargs)
     attach(self)
+    attach_store(tier_of(self), cache_config)
 
 
 @wrap(SCHEDULER, "Scheduler.schedule_metrics", ["self"], kind="property")

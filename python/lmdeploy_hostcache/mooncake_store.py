@@ -16,16 +16,20 @@ The configuration is the JSON file LMDeploy's own Mooncake connector reads
 (lmdeploy/pytorch/kv_connector/mooncake/store/data.py): metadata_server,
 master_server_address, protocol (tcp or rdma), device_name,
 global_segment_size and local_buffer_size (bytes, or "1GB"-style sizes),
-plus local_hostname (default: this machine's address). global_segment_size is what this
+plus local_hostname (default: this machine's address) and, ours,
+lookup_budget_ms (how long a match waits for the store). global_segment_size is what this
 process contributes to the store: 0 keeps the objects on the storage nodes
 (`mooncake_client`), where they outlive the engine.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -48,6 +52,36 @@ def _size(value: Any, key: str, where: str) -> int:
     return n
 
 
+PROBE_TIMEOUT_S = 3.0
+
+
+def _reachable(name: str, address: str) -> None:
+    """A TCP connection to host:port opens within PROBE_TIMEOUT_S, or ConnectionError names `name`."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConnectionError(f"{name} {address!r} is not host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise ConnectionError(f"{name} {address} cannot be reached ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def _python_signal_handlers():
+    """Mooncake's client may install its own SIGINT/SIGTERM/SIGHUP handlers in
+    setup; the process is the engine's (or the API server's), whose own
+    handlers must keep deciding how it stops. Re-installed from the main
+    thread only (the only one Python lets set them)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in before.items():
+                if handler is not None:
+                    signal.signal(s, handler)
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     metadata_server: str
@@ -57,6 +91,9 @@ class StoreConfig:
     global_segment_size: int = 0
     local_buffer_size: int = 64 << 20
     local_hostname: str = ""  # empty: this machine's address (what other clients reach it at)
+    # Not LMDeploy's: how long a match may wait for the store (lookup and
+    # fetch together) before the rest of the prefix counts as a miss.
+    lookup_budget_ms: float = 100.0
 
     @classmethod
     def from_file(cls, path: str) -> "StoreConfig":
@@ -80,11 +117,20 @@ class StoreConfig:
         for key in ("device_name", "local_hostname"):
             if key in raw and not isinstance(raw[key], str):
                 raise ValueError(f"{where}: {key} must be a string")
+        budget = raw.get("lookup_budget_ms", 100.0)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 60_000:
+            raise ValueError(f"{where}: lookup_budget_ms must be a number of milliseconds in (0, 60000]; "
+                             f"got {budget!r}")
         return cls(metadata_server=raw["metadata_server"], master_server_address=raw["master_server_address"],
                    protocol=protocol, device_name=raw.get("device_name", ""),
                    global_segment_size=_size(raw.get("global_segment_size", 0), "global_segment_size", where),
                    local_buffer_size=_size(raw.get("local_buffer_size", 64 << 20), "local_buffer_size", where),
-                   local_hostname=raw.get("local_hostname", ""))
+                   local_hostname=raw.get("local_hostname", ""), lookup_budget_ms=float(budget))
+
+
+# Answers of the store (Mooncake's ErrorCode) that callers tell apart.
+MISSING = -704  # no object under the key: a plain miss
+FULL = -200     # no room: the store is evicting
 
 
 class MooncakeStore:
@@ -103,10 +149,16 @@ class MooncakeStore:
             os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
         self.config = config
         self._registered: list[tuple[int, int]] = []
+        self._store = None
+        # Mooncake's setup retries an unreachable master for about 90 s: refused quickly here instead.
+        _reachable("master_server_address", config.master_server_address)
+        if config.metadata_server.startswith(("http://", "https://", "etcd://", "redis://")):
+            _reachable("metadata_server", config.metadata_server.split("://", 1)[1].split("/", 1)[0])
         self._store = MooncakeDistributedStore()
-        rc = self._store.setup(hostname, config.metadata_server, config.global_segment_size,
-                               config.local_buffer_size, config.protocol, config.device_name,
-                               config.master_server_address)
+        with _python_signal_handlers():
+            rc = self._store.setup(hostname, config.metadata_server, config.global_segment_size,
+                                   config.local_buffer_size, config.protocol, config.device_name,
+                                   config.master_server_address)
         if rc != 0:
             self.close()
             raise ConnectionError(f"Mooncake Store setup failed (code {rc}): master {config.master_server_address}, "
@@ -128,27 +180,39 @@ class MooncakeStore:
                 self._registered.remove((int(ptr), int(nbytes)))
                 self._store.unregister_buffer(int(ptr))
 
+    def exists_codes(self, keys: Sequence[str]) -> list[int]:
+        """Per key: 1 held, 0 not held, < 0 the store's error code."""
+        return [int(r) for r in self._store.batch_is_exist(list(keys))] if keys else []
+
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """Which keys the store holds (an error answer counts as absent)."""
+        return [r == 1 for r in self.exists_codes(keys)]
+
+    def put_codes(self, keys: Sequence[str], addrs: Sequence[int], size: int) -> list[int]:
+        """Per key: 0 stored, else the store's error code (FULL: no room while it evicts)."""
         if not keys:
             return []
-        return [r == 1 for r in self._store.batch_is_exist(list(keys))]
+        return [int(c) for c in self._store.batch_put_from(list(keys), [int(a) for a in addrs],
+                                                           [int(size)] * len(keys))]
 
     def put(self, keys: Sequence[str], addrs: Sequence[int], size: int) -> list[bool]:
         """Each slot's `size` bytes at addrs[i] stored under keys[i]; which were."""
+        return [c == 0 for c in self.put_codes(keys, addrs, size)]
+
+    def get_codes(self, keys: Sequence[str], addrs: Sequence[int], size: int) -> list[int]:
+        """Per key: the object's size when it was read (a hit only when it is
+        `size`: a smaller object returns its own size), else the store's
+        error code (MISSING: no such key)."""
         if not keys:
             return []
-        codes = self._store.batch_put_from(list(keys), [int(a) for a in addrs], [int(size)] * len(keys))
-        return [c == 0 for c in codes]
+        return [int(g) for g in self._store.batch_get_into(list(keys), [int(a) for a in addrs],
+                                                           [int(size)] * len(keys))]
 
     def get(self, keys: Sequence[str], addrs: Sequence[int], size: int) -> list[bool]:
         """keys[i]'s object into the slot at addrs[i]; a hit only where it was
         exactly `size` bytes (anything else: a miss, and the slot's bytes are
         not to be used)."""
-        if not keys:
-            return []
-        got = self._store.batch_get_into(list(keys), [int(a) for a in addrs], [int(size)] * len(keys))
-        return [g == size for g in got]
+        return [g == size for g in self.get_codes(keys, addrs, size)]
 
     def remove(self, key: str) -> bool:
         return self._store.remove(key) == 0

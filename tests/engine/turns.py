@@ -4,6 +4,7 @@ multi-turn plan under greedy decoding; writes what it generated as JSON.
     python tests/engine/turns.py --model DIR --out FILE.json [--quant-policy 4]
         [--gpu-blocks 32] [--host-cache-ratio 8] [--write-policy write_back]
         [--concurrent] [--fault corrupt-restores] [--faults SPEC] [--verify] [--balance]
+        [--block-size 32] [--plan-turns 3] [--host-cache-store FILE] [--signal N:SIG:PID]
 
 Used by test_engine_turns.py, one process per engine configuration (a fresh
 interpreter each: no engine state, CUDA context, patch or shim state leaks
@@ -32,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -149,7 +151,10 @@ def engine_config(args: argparse.Namespace):
     if args.host_cache_ratio > 0:
         extra = dict(host_cache_ratio=args.host_cache_ratio, host_cache_write_policy=args.write_policy,
                      host_cache_verify=args.verify)
-    return PytorchEngineConfig(session_len=4096, max_batch_size=8, block_size=64, num_gpu_blocks=args.gpu_blocks,
+        if args.host_cache_store:
+            extra["host_cache_store"] = args.host_cache_store
+    return PytorchEngineConfig(session_len=4096, max_batch_size=8, block_size=args.block_size,
+                               num_gpu_blocks=args.gpu_blocks,
                                enable_prefix_caching=True, quant_policy=args.quant_policy, eager_mode=args.eager,
                                **extra)
 
@@ -168,7 +173,8 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     said = _record_hostcache_log()
     tok = AutoTokenizer.from_pretrained(args.model)
     special = {s: tok.convert_tokens_to_ids(s) for s in tiny_model.SPECIAL}
-    plan = make_plan(tiny_model.word_ids(tok), args.sessions, args.turns, args.seed, args.max_new_tokens)
+    plan = make_plan(tiny_model.word_ids(tok), args.sessions, args.plan_turns or args.turns, args.seed,
+                     args.max_new_tokens)
     pipe = pipeline(args.model, backend_config=engine_config(args), log_level="WARNING")
     t_built = time.perf_counter()
     engine = pipe.async_engine
@@ -187,7 +193,12 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
 
             results = call(wave())
         else:
-            results = [call(_generate(engine, ids, gen)) for ids in prompts]
+            results = []
+            for ids in prompts:
+                results.append(call(_generate(engine, ids, gen)))
+                for when, sig, pid in args.signal:  # test-only: a store process dies or hangs mid-run
+                    if len(turns) + len(results) == when:
+                        os.kill(pid, sig)
         for s, (ids, r) in enumerate(zip(prompts, results)):
             reply = plan["replies"][s][t] if args.fixed_replies else r["tokens"]
             history[s].append((plan["users"][s][t], reply))
@@ -205,7 +216,8 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     result = {
         "config": {k: getattr(args, k) for k in ("quant_policy", "gpu_blocks", "host_cache_ratio", "write_policy",
                                                  "sessions", "turns", "max_new_tokens", "eager", "concurrent",
-                                                 "fault", "fixed_replies", "faults", "verify")},
+                                                 "fault", "fixed_replies", "faults", "verify", "block_size",
+                                                 "host_cache_store")},
         "lmdeploy": lmdeploy.__version__, "patch": patch, "metrics": metrics, "turns": turns,
         "balance_problems": problems, "hostcache_log": said,
         "seconds": {"import_and_build": round(t_built - t0, 2), "requests": round(t_done - t_built, 2)},
@@ -235,8 +247,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="resend the plan's fixed replies, not the generated ones: the prompts then do not depend on "
                         "what was generated (GPU runs whose numerics depend on the batch)")
     p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--plan-turns", type=int, default=0,
+                   help="draw the plan for this many turns (default: --turns) and run the first --turns of it")
+    p.add_argument("--host-cache-store", default=None, help="host_cache_store: a Mooncake config file")
+    p.add_argument("--signal", action="append", default=[], type=_signal_spec, metavar="N:SIG:PID",
+                   help="test-only: after request N send SIG (KILL, STOP, CONT) to PID (a store process)")
     args = p.parse_args(argv)
     run_and_exit(run, args, lambda result: {k: result[k] for k in ("config", "metrics", "seconds")})
+
+
+def _signal_spec(text: str) -> tuple[int, int, int]:
+    when, sig, pid = text.split(":")
+    return int(when), int(getattr(signal, "SIG" + sig)), int(pid)
 
 
 def run_and_exit(run, args: argparse.Namespace, summary) -> None:

@@ -7,7 +7,10 @@ import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import pickle  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig  # noqa: E402
 from lmdeploy.messages import QuantPolicy  # noqa: E402
@@ -25,9 +28,13 @@ from lmdeploy_patch.settings import (  # noqa: E402
 
 ENGINE_CONFIGS = [PytorchEngineConfig, TurbomindEngineConfig]
 DEFAULTS = {"host_cache_ratio": 0.0, "host_cache_size": None, "host_cache_write_policy": "write_through",
-            "host_cache_restore_policy": "auto", "host_cache_verify": False}
+            "host_cache_restore_policy": "auto", "host_cache_verify": False, "host_cache_store": None}
+# A Mooncake config file as LMDeploy's connector reads it (the store is reached only at engine start).
+STORE_FILE = os.path.join(tempfile.mkdtemp(prefix="hc-store-"), "mooncake.json")
+with open(STORE_FILE, "w") as _f:
+    json.dump({"metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051", "protocol": "tcp"}, _f)
 SET = {"host_cache_ratio": 2.5, "host_cache_size": 0.25, "host_cache_write_policy": "write_back",
-       "host_cache_restore_policy": "never", "host_cache_verify": True}
+       "host_cache_restore_policy": "never", "host_cache_verify": True, "host_cache_store": STORE_FILE}
 
 
 def values(cfg):
@@ -148,7 +155,20 @@ def test_repr_shows_fields_only_when_on(cls):
     assert "host_cache" not in repr(cls())
     text = repr(cls(host_cache_ratio=2.0))
     assert text.endswith("host_cache_ratio=2.0, host_cache_size=None, host_cache_write_policy='write_through', "
-                         "host_cache_restore_policy='auto', host_cache_verify=False)")
+                         "host_cache_restore_policy='auto', host_cache_verify=False, host_cache_store=None)")
+
+
+@pytest.mark.parametrize("cls", ENGINE_CONFIGS)
+def test_a_store_needs_the_host_pool_and_its_path_is_kept_absolute(cls, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="host_cache_store needs the host pool it sits behind: set "
+                                         "host_cache_ratio > 0 or host_cache_size"):
+        cls(host_cache_store=STORE_FILE)
+    monkeypatch.chdir(os.path.dirname(STORE_FILE))
+    cfg = cls(host_cache_ratio=1.0, host_cache_store="mooncake.json")
+    assert cfg.host_cache_store == STORE_FILE  # the workers may start elsewhere
+    (tmp_path / "bad.json").write_text('{"metadata_server": "m", "master_server_address": "a:1", "protocol": "udp"}')
+    with pytest.raises(ValueError, match=r"host_cache_store: Mooncake config .*bad.json.*: protocol must be"):
+        cls(host_cache_ratio=1.0, host_cache_store=str(tmp_path / "bad.json"))
 
 
 def test_unknown_keyword_still_refused_by_pytorch_config():

@@ -77,7 +77,8 @@ def test_prometheus_types_and_names():
     exported = _exported()
     for name in COUNTERS:
         assert types["lmdeploy:host_cache_" + name + "_total"] == "counter"
-        assert "lmdeploy:host_cache_" + name + "_total" in exported
+        if not name.startswith("store_"):  # exported with a store only: test_store_figures_are_exported
+            assert "lmdeploy:host_cache_" + name + "_total" in exported
     for name in GAUGES:
         assert types["lmdeploy:host_cache_" + name] == "gauge" and not name.endswith("_total")
     for name in HISTOGRAMS:
@@ -90,6 +91,37 @@ def test_prometheus_types_and_names():
         shown = "lmdeploy:host_cache_" + name + ("_total" if name in COUNTERS else "")
         assert f"`{shown}`" in readme, f"{shown} is not documented in the README"
     eng.end_all()
+
+
+def test_store_figures_are_exported():
+    """Every figure a store tier reports (before any link connected) has its
+    name in the exporter's tables, and each table entry of the store is reported."""
+    from lmdeploy_patch.metrics_export import _COLLECTOR, COUNTERS, GAUGES, HISTOGRAMS, record_host_figures, \
+        remember_labels
+    from lmdeploy_patch.store_tier import StoreTier
+
+    figures = StoreTier(config_id=-1, namespace="ns", num_slots=4, block_size=64, budget_s=0.1,
+                        bytes_per_block=1).metrics()
+    keys = {key for table in (COUNTERS, GAUGES, HISTOGRAMS) for key, _ in table.values()}
+    assert set(figures) <= keys, set(figures) - keys
+    store_keys = {key for table in (COUNTERS, GAUGES, HISTOGRAMS) for key, _ in table.values()
+                  if key.startswith("host_store_")}
+    assert store_keys == set(figures), store_keys ^ set(figures)
+
+    class Logger:
+        pass
+
+    logger = Logger()
+    remember_labels(logger, "m", 0)
+    record_host_figures(logger, figures)
+    exported = _exported()
+    for name in COUNTERS:
+        if name.startswith("store_"):
+            assert exported["lmdeploy:host_cache_" + name + "_total"] == 0
+    assert exported["lmdeploy:host_cache_store_up"] == 0  # no link: never connected
+    assert exported["lmdeploy:host_cache_store_fetch_latency_seconds_count"] == 0
+    with _COLLECTOR.lock:
+        _COLLECTOR.latest.clear()
 
 
 def test_counters_never_go_down():
