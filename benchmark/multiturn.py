@@ -42,7 +42,7 @@ MiB = 1 << 20
 # Bytes of one 64-token block of LMDeploy's packed pool, Llama-3-8B shape
 # (32 layers, 8 KV heads, head dim 128), measured from its BlockCachePlan.
 KV_BLOCK_BYTES = {"llama3-8b": {0: 8 * MiB, 8: 4 * MiB + 128 * 1024, 4: 2 * MiB + 128 * 1024}}
-SCENARIOS = ("multiturn", "no-reuse", "shared-system", "quant", "long-context")
+SCENARIOS = ("multiturn", "no-reuse", "shared-system", "quant", "long-context", "store")
 
 
 def cost_model_defaults(path: str = os.path.join(HERE, "RESULTS.md")) -> CostModel:
@@ -522,10 +522,67 @@ def main(argv: list[str] | None = None) -> int:
     return run_replay_mode(args, cost)
 
 
+def run_store_scenario(args: argparse.Namespace, cost: CostModel, users: list[User]) -> int:
+    """Two engines behind a router without affinity (benchmark/router_replay.py):
+    tier off, host tier only, host tier + a shared store (benchmark/store_model.py),
+    and one never-evicting engine as the ideal."""
+    from benchmark.router_replay import run as route_all
+    from benchmark.store_model import ModelStore, attach_model_store
+
+    t0 = time.perf_counter()
+    ws = working_set_blocks(users, args.block_size)
+    # Each engine's GPU cache holds an eighth of every conversation's blocks (the rounds touch them all).
+    gpu_blocks = args.gpu_blocks or max(int(sum(ws)) // 8, max(ws) + 4)
+    kv = KV_BLOCK_BYTES[args.model_shape][args.quant_policy]
+    host_bytes = int(args.host_gib * (1 << 30)) if args.host_gib else int(sum(ws) * 1.1) * kv
+    conversations = [u.turns for u in users]
+
+    def engines(n: int, gpu: int, host: int, store: "ModelStore | None" = None) -> list:
+        out = []
+        for _ in range(n):
+            e = ReplayEngine(num_gpu_blocks=gpu, host_slots=host, block_size=args.block_size,
+                             max_batches=args.max_batches, kv_block_bytes=kv, cost=cost,
+                             write_policy=args.write_policy, restore_policy=args.restore_policy)
+            if e.tier is not None:  # no forwards to time: the cost model's figures, as the replay does
+                e.tier.decider.assume(cost.copy_gbps * 1e9, cost.prefill_tok_s, lambda: 0.0)
+            if store is not None:
+                attach_model_store(e, store)
+            out.append(e)
+        return out
+
+    slots = host_bytes // kv
+    runs = {"off": route_all(engines(2, gpu_blocks, 0), conversations, args.seed),
+            "host": route_all(engines(2, gpu_blocks, slots), conversations, args.seed),
+            "host+store": route_all(engines(2, gpu_blocks, slots, ModelStore()), conversations, args.seed),
+            "ideal": route_all(engines(1, IDEAL_GPU_BLOCKS, 0), conversations, args.seed)}
+    print(f"\n## store: two engines behind a router without affinity (CPU replay, token counts exact; "
+          f"{len(users)} conversations, {sum(len(c) for c in conversations)} turns; GPU cache {gpu_blocks} "
+          f"blocks per engine, host pool {host_bytes / (1 << 30):.1f} GiB per engine, {kv} bytes per block)")
+    print(f"{'':22}{'GPU':>12}{'host':>12}{'store':>12}{'recomputed':>12}{'net read GB':>13}{'net write GB':>13}"
+          f"{'recomputed / ideal':>20}")
+    ideal = runs["ideal"]["total"]["recomputed"]
+    for name, run in runs.items():
+        for label, t in [(name, run["total"])] + [(f"  engine {i}", e) for i, e in enumerate(run["engines"])
+                                                    if name != "ideal"]:
+            ratio = f"{t['recomputed'] / ideal:.3f}" if label == name else ""
+            print(f"{label:22}{t['gpu']:>12}{t['host']:>12}{t['store']:>12}{t['recomputed']:>12}"
+                  f"{t['network_bytes_read'] / 1e9:>13.2f}{t['network_bytes_written'] / 1e9:>13.2f}{ratio:>20}")
+    print(f"# {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"scenario": "store", "config": {**vars(args), "gpu_blocks_per_engine": gpu_blocks,
+                                                       "host_pool_gib_per_engine": host_bytes / (1 << 30)},
+                       **{k: {kk: vv for kk, vv in v.items() if kk != "per_turn"} for k, v in runs.items()}}, f)
+    return 0
+
+
 def run_replay_mode(args: argparse.Namespace, cost: CostModel) -> int:
     """The CPU replay: tier off and on (or the scenario's runs), table, JSON, plots."""
     t0 = time.perf_counter()
     users = build_users(args)
+    if args.scenario == "store":
+        return run_store_scenario(args, cost, users)
     ws = working_set_blocks(users, args.block_size)
     live = int(np.mean(ws) * min(args.concurrency, len(users)))
     if args.scenario == "long-context":  # the documents are shared: count each once

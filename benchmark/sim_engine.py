@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from benchmark.engine_loop import EngineLoop, build_scheduler
-from lmdeploy_patch import rank_tier
+from lmdeploy_patch import rank_tier, store_tier
 from lmdeploy_patch.rank_tier import build_worker_tier
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
@@ -57,10 +57,12 @@ class SimStats:
 class SimEngine:
     def __init__(self, num_gpu_blocks: int, host_slots: int = 0, block_size: int = 16, layers: int = 2,
                  row_bytes: int = 8, policy: str = "write_through", max_batches: int = 4,
-                 deterministic: bool = True, ranks: int = 1, verify: bool = False):
+                 deterministic: bool = True, ranks: int = 1, verify: bool = False, restore_policy: str = "auto",
+                 store: str | None = None, store_namespace: str = "sim"):
+        """store: a Mooncake config file (lmdeploy_patch/store_tier.py behind the host tier, each rank linked)."""
         self.block_bytes = layers * block_size * row_bytes
         self.scheduler = build_scheduler(num_gpu_blocks, block_size, max_batches, host_slots, policy,
-                                         self.block_bytes, logical_clock=deterministic)
+                                         self.block_bytes, logical_clock=deterministic, restore_policy=restore_policy)
         cc = self.scheduler.cache_config
         cc.host_cache_verify = verify  # read by the ranks built below (their ledgers check the bytes)
         self.loop = EngineLoop(self.scheduler, lambda batch, plan, prefill, host_tokens: self.forward(batch, plan))
@@ -80,6 +82,11 @@ class SimEngine:
                 allocation = SimpleNamespace(pools=[SimpleNamespace(tensor=pool, entry_axis=1)])
                 self.workers.append(build_worker_tier(cc, allocation, blocks_per_logical=1))
                 rank_tier.register(key, self.workers[-1])
+            if store is not None:  # what the scheduler hook and the agent hook do when the config names one
+                cc.host_cache_store, cc.host_cache_store_namespace = store, store_namespace
+                store_tier.attach(self.tier, cc)
+                for rank, worker in enumerate(self.workers):
+                    rank_tier.connect_store(cc, worker, rank)
         self.worker = self.workers[0] if self.workers else None
         self.stats = SimStats()
         self.sessions: dict[int, object] = {}
@@ -180,7 +187,7 @@ class SimEngine:
             self.scheduler.end_session(sid)
         self.sessions.clear()
         for key in self.cache_engines:
-            rank_tier.unregister(key)
+            rank_tier.unregister(key)  # (closes the ranks' store links too)
 
     def hit_rate(self) -> float:
         return self.scheduler.schedule_metrics.prefix_cache_hit_rate

@@ -51,6 +51,11 @@ turns that write_through saves on the chance.
 
 Restore or recompute (host_cache_restore_policy): each host hit is weighed
 by the RestoreDecider (restore_decision.py) before it is pinned for a plan.
+
+With a Mooncake Store behind the pool (host_cache_store; store_tier.py,
+docs/store_tier.md), records also carry the store's chain digest, saved
+blocks are put to the store once their saves completed, and a match that
+ends in the host index continues in the store (_continue_in_store).
 """
 from __future__ import annotations
 

@@ -123,8 +123,8 @@ class SlotLedger:
 
     def confirmed(self, slots: np.ndarray) -> np.ndarray:
         """Which of `slots` hold the bytes of their latest planned save, seen
-        complete (and checksummed, with verification): what may be put to
-        the store. Never waits."""
+        complete (with verification: checksummed, and still matching it):
+        what may be put to the store. Never waits."""
         with self._lock:
             slots = np.asarray(slots, dtype=np.int64)
             if self.lost:
@@ -134,11 +134,13 @@ class SlotLedger:
             except RuntimeError:
                 return np.zeros(len(slots), dtype=bool)
             ok = (self._carried[slots] >= self._planned[slots]) & (self._carried[slots] > 0) & ~self._failed[slots]
-            if self.verify:
-                ok &= self._summed[slots]
             flying = {int(x) for f in self._in_flight for x in f[1].tolist()}
             if flying:
                 ok &= ~np.isin(slots, list(flying))
+            if self.verify:  # the store keeps no checksum: bytes that changed here must not leave
+                ok &= self._summed[slots]
+                for i in np.nonzero(ok)[0].tolist():
+                    ok[i] = self._checksum(int(slots[i])) == int(self._sums[slots[i]])
             return ok
 
     def filled(self, slots: np.ndarray) -> None:

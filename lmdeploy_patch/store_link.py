@@ -99,6 +99,11 @@ class StoreLink:
     def up(self) -> bool:
         return not self._closed and time.monotonic() >= self._down_until
 
+    def add(self, name: str, n: int = 1) -> None:
+        """Counts are written from the scheduler's thread and the link's own."""
+        with self._lock:
+            self.counts[name] += n
+
     def failed(self, kind: str, n: int = 1) -> None:
         with self._lock:
             self.counts[f"failures_{kind}"] += n
@@ -116,8 +121,8 @@ class StoreLink:
 
     def lookup(self, digests: list[bytes]) -> Future:
         """A future of how many of `digests`, from the first, the store holds."""
-        self.counts["lookups"] += 1
-        self.counts["lookup_blocks"] += len(digests)
+        self.add("lookups", 1)
+        self.add("lookup_blocks", len(digests))
         return self._gets.submit(self._lookup, [self.key(d) for d in digests])
 
     def _lookup(self, keys: list[str]) -> int:
@@ -135,7 +140,7 @@ class StoreLink:
             self.failed("error")
         else:
             self._ok()
-        self.counts["found_blocks"] += n
+        self.add("found_blocks", n)
         return n
 
     def fetch(self, digests: list[bytes], slots: list[int]) -> Future:
@@ -159,8 +164,8 @@ class StoreLink:
             self.failed("transfer", sum(size < 0 for size in wrong))
         if not wrong:
             self._ok()
-        self.counts["fetched_blocks"] += sum(ok)
-        self.counts["bytes_read"] += sum(ok) * self.slot_bytes
+        self.add("fetched_blocks", sum(ok))
+        self.add("bytes_read", sum(ok) * self.slot_bytes)
         return ok
 
     # ----- puts (in the background; the scheduler collects what finished)
@@ -174,22 +179,22 @@ class StoreLink:
         stored = [False] * len(keys)
         try:
             if not self.up():
-                self.counts["skipped_down"] += len(keys)
+                self.add("skipped_down", len(keys))
                 return
             t0 = time.monotonic()
             held = self.store.exists_codes(keys)
             todo = [i for i, h in enumerate(held) if h != 1]
             for i, h in enumerate(held):
                 stored[i] = h == 1
-            self.counts["put_present"] += len(keys) - len(todo)
+            self.add("put_present", len(keys) - len(todo))
             if todo:
                 codes = self.store.put_codes([keys[i] for i in todo], [self.slot_address(slots[i]) for i in todo],
                                              self.slot_bytes)
                 for i, c in zip(todo, codes):
                     stored[i] = c == 0
                 good = sum(c == 0 for c in codes)
-                self.counts["put_blocks"] += good
-                self.counts["bytes_written"] += good * self.slot_bytes
+                self.add("put_blocks", good)
+                self.add("bytes_written", good * self.slot_bytes)
                 full = sum(c == self._full for c in codes)
                 if full:
                     self.failed("full", full)

@@ -144,14 +144,16 @@ class StoreTier:
         for link in links:
             link.put(digests, ready, lambda stored, t=token: self._put_done.append((t, stored)))
 
-    def drain(self, index: Any, ledgers: list, timeout_s: float = 10.0) -> bool:
+    def drain(self, index: Any, ledgers: list, timeout_s: float = 10.0, saves: bool = False) -> bool:
         """Waits (bounded) until every put and late fetch handed out has
-        ended, settling them: an idle engine then holds no slot for the store.
-        True if all ended in time."""
+        ended, settling them: an idle engine then holds no slot for the
+        store. With `saves`, also until every saved block waiting for its
+        confirmation was put (while the links are up). True if all ended in time."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.pump(index, ledgers)
-            if not self._putting and not self._late:  # (saves waiting to be put hold no pin)
+            waiting = saves and self._to_put and all(link.up() for link in self.links())
+            if not self._putting and not self._late and not waiting:  # (waiting saves hold no pin)
                 return True
             if time.monotonic() > deadline:
                 return False
@@ -172,7 +174,7 @@ class StoreTier:
             return _NO_KEYS, _NO_SLOTS
         if not all(link.up() for link in links):
             for link in links:
-                link.counts["skipped_down"] += n
+                link.add("skipped_down", n)
             return _NO_KEYS, _NO_SLOTS
         digests = store_keys.chain(digest, ns, tokens[:n * bs], bs)
         deadline = time.monotonic() + self.budget_s

@@ -56,6 +56,24 @@ def test_replay_counts_tokens_by_tier(tmp_path, scenario):
     assert (tmp_path / "ttft_cdf.png").exists() or "matplotlib" not in sys.modules
 
 
+def test_the_store_scenario_serves_across_engines(tmp_path):
+    """Two engines behind a router without affinity: the host tier serves only
+    what the same engine computed; the store serves the rest of what either did."""
+    out = tmp_path / "store.json"
+    assert multiturn.main(["--replay", "--scenario", "store", "--users", "12", "--max-turns", "4",
+                           "--max-reply-tokens", "32", "--json", str(out), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    for name in ("off", "host", "host+store", "ideal"):
+        t = data[name]["total"]
+        assert t["gpu"] + t["host"] + t["store"] + t["recomputed"] == t["prompt"], (name, t)
+        assert sum(e["requests"] for e in data[name]["engines"]) == t["requests"]
+    off, host, store, ideal = (data[n]["total"] for n in ("off", "host", "host+store", "ideal"))
+    assert off["host"] == off["store"] == host["store"] == 0
+    assert ideal["recomputed"] <= store["recomputed"] < host["recomputed"] < off["recomputed"]
+    assert store["store"] > 0 and store["network_bytes_read"] > 0 and store["network_bytes_written"] > 0
+    assert all(e["requests"] > 0 for e in data["host+store"]["engines"])  # the router used both
+
+
 @pytest.mark.parametrize("extra", [[], ["--host-gib", "0.05"], ["--write-policy", "write_through_selective"],
                                    ["--copy-gbps", "0.5"]],
                          ids=["default", "small-host-pool", "selective", "slow-copy-recomputes"])

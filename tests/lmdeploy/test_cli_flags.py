@@ -13,7 +13,7 @@ from lmdeploy_patch.cli_flags import TURBOMIND_FLAG_ERROR  # noqa: E402
 from lmdeploy_patch.settings import DEFAULT_HOST_CACHE_RATIO, HOST_CACHE_FIELDS  # noqa: E402
 
 FLAGS = ["--host-cache", "--host-cache-ratio", "--host-cache-size", "--host-cache-write-policy",
-         "--host-cache-restore-policy", "--host-cache-verify"]
+         "--host-cache-restore-policy", "--host-cache-verify", "--host-cache-store"]
 
 
 def host_values(ns):
@@ -190,6 +190,21 @@ def test_api_server_builds_pytorch_config_with_values(cli_parser, tmp_path, capt
     assert config.host_cache_size is None and config.quant_policy == QuantPolicy.INT4
     assert asked == []  # the tier decided the backend; LMDeploy's auto-selection was not needed
     assert len(hostcache_log()) == 1 and "TurboMind" in hostcache_log()[0]
+
+
+def test_a_store_flag_brings_the_host_pool_and_reaches_the_config(cli_parser, tmp_path, captured_serve):
+    from lmdeploy_patch.settings import DefaultRatio
+
+    store = tmp_path / "mooncake.json"
+    store.write_text('{"metadata_server": "P2PHANDSHAKE", "master_server_address": "10.0.0.1:50051"}')
+    run_api_server(cli_parser, tmp_path, "--host-cache-store", str(store))
+    (args, kwargs), = captured_serve
+    config = kwargs["backend_config"]
+    assert config.host_cache_store == str(store) and isinstance(config.host_cache_ratio, DefaultRatio)
+    for order in (["--host-cache-ratio", "2", "--host-cache-store", str(store)],
+                  ["--host-cache-store", str(store), "--host-cache-ratio", "2"]):
+        ns = parse(cli_parser, ["serve", "api_server", "model", *order])
+        assert host_values(ns) == {"host_cache_ratio": 2.0, "host_cache_store": str(store)}
 
 
 def test_api_server_explicit_pytorch_size(cli_parser, tmp_path, captured_serve, hostcache_log):
