@@ -526,7 +526,7 @@ def run_store_scenario(args: argparse.Namespace, cost: CostModel, users: list[Us
     """Two engines behind a router without affinity (benchmark/router_replay.py):
     tier off, host tier only, host tier + a shared store (benchmark/store_model.py),
     and one never-evicting engine as the ideal."""
-    from benchmark.router_replay import run as route_all
+    from benchmark.router_replay import Clock, run as route_all
     from benchmark.store_model import ModelStore, attach_model_store
 
     t0 = time.perf_counter()
@@ -537,24 +537,26 @@ def run_store_scenario(args: argparse.Namespace, cost: CostModel, users: list[Us
     host_bytes = int(args.host_gib * (1 << 30)) if args.host_gib else int(sum(ws) * 1.1) * kv
     conversations = [u.turns for u in users]
 
-    def engines(n: int, gpu: int, host: int, store: "ModelStore | None" = None) -> list:
+    def engines(n: int, gpu: int, host: int, clock: Clock, store: "ModelStore | None" = None) -> list:
         out = []
         for _ in range(n):
             e = ReplayEngine(num_gpu_blocks=gpu, host_slots=host, block_size=args.block_size,
                              max_batches=args.max_batches, kv_block_bytes=kv, cost=cost,
                              write_policy=args.write_policy, restore_policy=args.restore_policy)
             if e.tier is not None:  # no forwards to time: the cost model's figures, as the replay does
-                e.tier.decider.assume(cost.copy_gbps * 1e9, cost.prefill_tok_s, lambda: 0.0)
+                e.tier.decider.assume(cost.copy_gbps * 1e9, cost.prefill_tok_s, clock)
             if store is not None:
                 attach_model_store(e, store)
             out.append(e)
         return out
 
     slots = host_bytes // kv
-    runs = {"off": route_all(engines(2, gpu_blocks, 0), conversations, args.seed),
-            "host": route_all(engines(2, gpu_blocks, slots), conversations, args.seed),
-            "host+store": route_all(engines(2, gpu_blocks, slots, ModelStore()), conversations, args.seed),
-            "ideal": route_all(engines(1, IDEAL_GPU_BLOCKS, 0), conversations, args.seed)}
+    runs = {}
+    for name, n, gpu, host, store in (("off", 2, gpu_blocks, 0, None), ("host", 2, gpu_blocks, slots, None),
+                                      ("host+store", 2, gpu_blocks, slots, ModelStore()),
+                                      ("ideal", 1, IDEAL_GPU_BLOCKS, 0, None)):
+        clock = Clock()
+        runs[name] = route_all(engines(n, gpu, host, clock, store), conversations, args.seed, clock)
     print(f"\n## store: two engines behind a router without affinity (CPU replay, token counts exact; "
           f"{len(users)} conversations, {sum(len(c) for c in conversations)} turns; GPU cache {gpu_blocks} "
           f"blocks per engine, host pool {host_bytes / (1 << 30):.1f} GiB per engine, {kv} bytes per block)")

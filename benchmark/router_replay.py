@@ -86,8 +86,23 @@ def serve_turn(engine: Any, session_id: int, prompt: np.ndarray, reply: np.ndarr
     return cached - restored, restored - from_store, from_store, recomputed
 
 
-def run(engines: list, conversations: list[list[tuple[np.ndarray, np.ndarray]]], seed: int) -> dict:
-    """Every conversation's turns, routed; per-engine and total token counts."""
+# Seconds between two turns on the replay's clock (a user reads and types):
+# what the restore decision sees of time passing (its restore stream drains).
+TURN_S = 1.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(engines: list, conversations: list[list[tuple[np.ndarray, np.ndarray]]], seed: int,
+        clock: Clock | None = None) -> dict:
+    """Every conversation's turns, routed; per-engine and total token counts.
+    `clock` (the engines' restore decisions read it) advances TURN_S a turn."""
     counts = [EngineTokens() for _ in engines]
     session = 0
     rounds = max(len(c) for c in conversations)
@@ -95,6 +110,8 @@ def run(engines: list, conversations: list[list[tuple[np.ndarray, np.ndarray]]],
         for c, turns in enumerate(conversations):
             if t >= len(turns):
                 continue
+            if clock is not None:
+                clock.now += TURN_S
             prompt = np.concatenate([x for m, r in turns[:t] for x in (m, r)] + [turns[t][0]])
             e = route(seed, c, t, len(engines))
             gpu, host, store, recomputed = serve_turn(engines[e], session, prompt.astype(np.int64), turns[t][1])
