@@ -123,8 +123,9 @@ def run(engines: list, conversations: list[list[tuple[np.ndarray, np.ndarray]]],
             n.per_turn.append((c, t, gpu, host, store, recomputed))
             for engine in engines:  # the model store's assumption (module docstring)
                 tier = engine.tier
-                if tier is not None and tier.store is not None:
-                    tier.store.drain(tier.index, tier._ledgers(), saves=True)
+                if tier is not None and tier.store is not None and not tier.store.drain(tier.index, tier._ledgers(),
+                                                                                        saves=True):
+                    raise RuntimeError("the store's puts did not finish within 10 s of a turn")
     for engine, n in zip(engines, counts):
         tier = engine.tier
         if tier is not None and tier.store is not None:

@@ -5,7 +5,7 @@ the cache config (eligibility.py)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from . import store_keys
 from .eligibility import off_reason, turn_off
@@ -68,11 +68,19 @@ def host_pool_slots(cache_config: Any, block_bytes_per_rank: list[int], ranks_on
         f"{reserve / GIB:.0f} GiB is kept in reserve ({fits / GIB:.2f} GiB usable); set {most}")
 
 
-def store_namespace(cache_config: Any, model_config: Any, tp: int, slot_bytes: int) -> str:
+def store_namespace(cache_config: Any, model_config: Any, tp: int, slot_bytes: int,
+                    adapters: Optional[dict] = None) -> Optional[str]:
     """What an engine's store keys share (store_keys.engine_namespace): its
-    model, KV dtype, quant policy, block size, tensor-parallel size, slot bytes."""
+    model, adapters, KV dtype, quant policy, block size, tensor-parallel
+    size, slot bytes; None (no store) when the model cannot be named."""
     hf_config = getattr(model_config, "hf_config", None)
-    name, digest = store_keys.model_identity(hf_config) if hf_config is not None else ("", "")
+    if hf_config is None:
+        log_once("host_cache_store: this engine's model config cannot be read to name its store keys; the store is "
+                 "not used")
+        return None
+    name, digest = store_keys.model_identity(hf_config)
+    if adapters:  # an adapter is known to requests by name: its name and where it came from name its blocks
+        digest += "+" + store_keys.adapters_digest(adapters)
     dtype = str(getattr(model_config, "dtype", ""))
     return store_keys.engine_namespace(name, digest, dtype, int(cache_config.quant_policy), cache_config.block_size,
                                        tp, slot_bytes)
@@ -80,7 +88,8 @@ def store_namespace(cache_config: Any, model_config: Any, tp: int, slot_bytes: i
 
 def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cache_config: Any,
                    memory_model_cache: bool = False, model_paradigm: str = "ar", engines: int = 1,
-                   ranks_here: bool = True, model_config: Any = None, tp: int = 1) -> None:
+                   ranks_here: bool = True, model_config: Any = None, tp: int = 1,
+                   adapters: Optional[dict] = None) -> None:
     """In the driver, once num_gpu_blocks is final: decide the tier and the
     slot count that the scheduler and every rank will use. `engines`: the
     data-parallel engines, each sizing its own pool from the same RAM; all
@@ -124,7 +133,7 @@ def size_host_pool(cache_config: Any, block_bytes_per_rank: list[int], spec_cach
     cache_config.host_cache_pid = os.getpid()
     if store:
         cache_config.host_cache_store_namespace = store_namespace(cache_config, model_config, tp,
-                                                                  max(block_bytes_per_rank))
+                                                                  max(block_bytes_per_rank), adapters)
     total = slots * sum(block_bytes_per_rank)
     log_once(f"host pool: {slots} blocks per rank, {total / GIB:.2f} GiB over {len(block_bytes_per_rank)} rank(s) "
              f"({slots / max(1, cache_config.num_gpu_blocks):.2f}x the GPU cache)")

@@ -130,6 +130,7 @@ class WorkerTier:
         # restores recorded in the ledger (the store fills only quiet slots: slot_ledger.quiet).
         self.link: Optional[store_link.StoreLink] = None
         self.records_restores = False
+        self.layout = ""  # what a slot holds, per pool (build_worker_tier): part of the store keys
         self.report_pinning()
 
     def report_pinning(self) -> None:
@@ -463,12 +464,18 @@ class WorkerTier:
                 t.wait()
             pending.clear()
         slot_ledger.unregister(self.ledger)
+        self.close_link()
+
+    def close_link(self) -> None:
         link, self.link = self.link, None
-        if link is not None:
-            store_link.unregister(link)
-            if not link.close(STORE_CLOSE_S):
-                log_once(f"the Mooncake Store did not answer within {STORE_CLOSE_S:g} s at shutdown; its client "
-                         "is left to finish on its own")
+        if link is None:
+            return
+        store_link.unregister(link)
+        if not link.close(STORE_CLOSE_S):
+            # Its calls still use the host pool, which the link keeps; not the GPU pools it was built over.
+            self.store._allocation = None
+            log_once(f"the Mooncake Store did not answer within {STORE_CLOSE_S:g} s when the host pool was "
+                     "dropped; its client is left to finish on its own")
 
 
 # How long dropping a rank's pool waits for its store client to finish.
@@ -484,11 +491,13 @@ def connect_store(cache_config: Any, worker: WorkerTier, rank: int) -> None:
     if not path or namespace is None:
         return
     worker.records_restores = True
+    if store_link.off_reason(worker.config_id):
+        return  # stopped for this engine (its weights changed): not again at a wakeup
     from lmdeploy_hostcache.mooncake_store import FULL, MISSING, MooncakeStore, StoreConfig
 
-    config = StoreConfig.from_file(path)
     client = None
     try:
+        config = StoreConfig.from_file(path)  # read again: the file may have changed since the config was built
         client = MooncakeStore(config)
         client.register(worker.store.memory_ranges())
     except Exception as e:  # noqa: BLE001 - unreachable, refused, not installed: the host tier serves alone
@@ -497,11 +506,27 @@ def connect_store(cache_config: Any, worker: WorkerTier, rank: int) -> None:
         log_once(f"the Mooncake Store of host_cache_store ({path}) cannot be used ({e}); serving with the host "
                  "tier alone")
         return
-    worker.link = store_link.StoreLink(client, store_keys.key_prefix(namespace, rank), worker.store.slot_address,
-                                       worker.store.slot_bytes, keep_alive=worker.store, missing=MISSING, full=FULL)
+    prefix = store_keys.key_prefix(namespace, rank, worker.layout)
+    worker.link = store_link.StoreLink(client, prefix, worker.store.slot_address, worker.store.slot_bytes,
+                                       keep_alive=worker.store, missing=MISSING, full=FULL)
     store_link.register(worker.config_id, worker.link)
     log_once(f"host cache store on: Mooncake master {config.master_server_address} ({config.protocol}), keys under "
-             f"{store_keys.key_prefix(namespace, rank)}")
+             f"{prefix}")
+
+
+def weights_changed(agent: Any) -> None:
+    """The agent's weights are about to change in place: its engine stops
+    using the store for the rest of the run (said once); the host tier goes on."""
+    cc = agent.cache_config
+    if not getattr(cc, "host_cache_store", None):
+        return
+    store_link.turn_off(id(cc), "its weights were updated")
+    worker = _BY_AGENT.get(agent)
+    if worker is not None:
+        worker.close_link()
+    log_once("the weights of this engine are updated in place: it stops using the Mooncake Store "
+             "(host_cache_store), whose keys name the model by its name and config, not its weights; "
+             "the host tier goes on")
 
 
 def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: int, copy_path: str = "kernel",
@@ -528,6 +553,7 @@ def build_worker_tier(cache_config: Any, allocation: Any, blocks_per_logical: in
     fallback = FallbackCopier(allocation, blocks_per_logical, store)
     worker = WorkerTier(store, cuda=device.startswith("cuda"), config_id=id(cache_config), fallback=fallback,
                         verify=bool(getattr(cache_config, "host_cache_verify", False)))
+    worker.layout = store_keys.slot_layout(allocation, blocks_per_logical)
     stream = None
     if worker.cuda:
         import torch

@@ -409,6 +409,8 @@ class HostTier:
                            slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The host match (keys, slots over `tokens`) continued by the blocks
         the store holds next, fetched into host slots (store_tier.extend)."""
+        if self.decider.policy == "never":
+            return keys, slots  # every hit is recomputed: nothing to fetch for
         bs = self.block_size
         n = len(slots)
         digest = self.store.digest_after(cursor_record.digest, ns, tokens[:n * bs])

@@ -4,13 +4,16 @@
 A block's object key names everything its bytes depend on, so that two
 engines share an object only when either could have computed it:
 
-  lmdeploy-hostcache/v<LAYOUT_VERSION>/<engine namespace>/rank<rank>/<chain digest>
+  lmdeploy-hostcache/v<LAYOUT_VERSION>/<engine namespace>/rank<rank>-<slot layout>/<chain digest>
 
 - the engine namespace (`engine_namespace`) covers the model (its name and
-  a digest of its config), the KV cache's dtype and quant policy, the block
-  size, the tensor-parallel size and the rank's slot bytes: anything that
-  changes a block's layout or its values;
-- `rank<rank>`: each tensor-parallel rank stores its own share of a block;
+  a digest of its config), its adapters (names and where they came from),
+  the KV cache's dtype and quant policy, the block size, the tensor-parallel
+  size and the rank's slot bytes: anything that changes a block's layout or
+  its values;
+- `rank<rank>-<slot layout>`: each tensor-parallel rank stores its own
+  share of a block, with a digest of how its slot lays out each KV pool
+  (`slot_layout`: layers, bytes per kernel block, dtype, kernel blocks per block);
 - the chain digest (`block_digest`) is a 128-bit BLAKE2b chained from the
   root of the prompt over each block's token ids and its request namespace
   (adapter and cache salt, cache_salt.namespace): a digest names the whole
@@ -50,6 +53,12 @@ def model_identity(hf_config: Any) -> tuple[str, str]:
     return name, hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def adapters_digest(adapters: dict) -> str:
+    """An engine's adapters: each name with the last part of its path."""
+    named = sorted((str(k), str(v).rstrip("/").rsplit("/", 1)[-1]) for k, v in adapters.items())
+    return hashlib.blake2b(json.dumps(named).encode(), digest_size=6).hexdigest()
+
+
 def engine_namespace(model_name: str, config_digest: str, kv_dtype: str, quant_policy: int, block_size: int,
                      tp_size: int, slot_bytes: int) -> str:
     """What every key of an engine's ranks shares (module docstring), as hex."""
@@ -82,6 +91,16 @@ def chain(parent: bytes, ns: int, tokens: np.ndarray, block_size: int) -> list[b
     return out
 
 
-def key_prefix(namespace: str, rank: int) -> str:
+def slot_layout(allocation: Any, blocks_per_logical: int) -> str:
+    """A digest of what a rank's slot holds: each KV pool's layers, bytes per
+    kernel block, dtype and block axis, and kernel blocks per block (not the
+    block count, which differs with GPU memory)."""
+    pools = [(int(p.tensor.shape[0]), int(p.tensor.shape[2]), str(p.tensor.dtype), int(p.entry_axis))
+             for p in allocation.pools]
+    text = json.dumps({"pools": pools, "kernel_blocks_per_block": int(blocks_per_logical)})
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def key_prefix(namespace: str, rank: int, layout: str = "") -> str:
     """A rank's object keys are this plus a chain digest in hex."""
-    return f"lmdeploy-hostcache/v{LAYOUT_VERSION}/{namespace}/rank{rank}/"
+    return f"lmdeploy-hostcache/v{LAYOUT_VERSION}/{namespace}/rank{rank}{'-' + layout if layout else ''}/"

@@ -132,6 +132,9 @@ class StoreLink:
         except Exception:  # noqa: BLE001 - a store that cannot answer is a miss
             self.failed("error")
             return 0
+        if len(codes) != len(keys):
+            self.failed("error")
+            return 0
         self.samples["lookup"].append(time.monotonic() - t0)
         n = 0
         while n < len(codes) and codes[n] == 1:
@@ -156,6 +159,9 @@ class StoreLink:
             self.failed("error")
             return [False] * len(slots)
         self.samples["fetch"].append(time.monotonic() - t0)
+        if len(sizes) != len(slots):  # not an answer to this call: nothing fetched is trusted
+            self.failed("error")
+            return [False] * len(slots)
         ok = [size == self.slot_bytes for size in sizes]
         wrong = [size for size in sizes if size != self.slot_bytes and size != self._missing]
         if any(size >= 0 for size in wrong):
@@ -183,6 +189,9 @@ class StoreLink:
                 return
             t0 = time.monotonic()
             held = self.store.exists_codes(keys)
+            if len(held) != len(keys):
+                self.failed("error")
+                return
             todo = [i for i, h in enumerate(held) if h != 1]
             for i, h in enumerate(held):
                 stored[i] = h == 1
@@ -190,6 +199,9 @@ class StoreLink:
             if todo:
                 codes = self.store.put_codes([keys[i] for i in todo], [self.slot_address(slots[i]) for i in todo],
                                              self.slot_bytes)
+                if len(codes) != len(todo):
+                    self.failed("error")
+                    return
                 for i, c in zip(todo, codes):
                     stored[i] = c == 0
                 good = sum(c == 0 for c in codes)
@@ -255,6 +267,17 @@ def unregister(link: StoreLink) -> None:
         found.discard(link)
         if not found:
             del _LINKS[key]
+
+
+_OFF: dict[int, str] = {}  # config id -> why its engine stopped using the store
+
+
+def turn_off(config_id: int, reason: str) -> None:
+    _OFF.setdefault(config_id, reason)
+
+
+def off_reason(config_id: Optional[int]) -> Optional[str]:
+    return _OFF.get(config_id) if config_id is not None else None
 
 
 def retired_counts(config_id: Optional[int]) -> dict[str, int]:

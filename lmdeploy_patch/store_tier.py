@@ -41,6 +41,11 @@ _NO_KEYS = np.empty(0, dtype=np.uint64)
 _NO_SLOTS = np.empty(0, dtype=np.uint32)
 # Blocks one match looks up at most: 256 keys answer in about a millisecond.
 MAX_LOOKUP_BLOCKS = 256
+# Of the host pool, the most that puts may pin at once: a put thread stuck on
+# a store that hangs must not take the host tier's slots with it.
+MAX_PUT_PINNED_FRACTION = 0.125
+# A put batch running longer than this takes its links down (as a lookup past its budget does).
+PUT_STALL_S = 10.0
 
 
 class StoreTier:
@@ -56,7 +61,10 @@ class StoreTier:
         # for an older one must not read what the slot holds now.
         self._gen = np.zeros(num_slots, dtype=np.int64)
         self._to_put: dict[int, tuple[bytes, int]] = {}   # slot -> (digest, generation): saves not yet confirmed
-        self._putting: dict[int, tuple[np.ndarray, int, list[bool]]] = {}  # token -> (slots, links left, stored)
+        # token -> (slots, links left, when handed out): puts running, their slots pinned
+        self._putting: dict[int, tuple[np.ndarray, int, float]] = {}
+        self._stalled: set[int] = set()  # tokens whose stall took the links down
+        self._put_pin_cap = max(1, int(num_slots * MAX_PUT_PINNED_FRACTION))
         self._put_done: deque = deque()                    # (token, stored) from the put threads
         self._late: list[tuple[list[Any], np.ndarray]] = []  # (futures, slots) fetches past their budget
         self._next_token = 0
@@ -69,6 +77,8 @@ class StoreTier:
         self.latency = {name: Histogram(LATENCY_BOUNDS_S) for name in ("lookup", "fetch", "put")}
 
     def links(self) -> list[store_link.StoreLink]:
+        if store_link.off_reason(self.config_id):
+            return []  # this engine stopped using the store (its weights changed)
         return store_link.links(self.config_id)
 
     # ----- keys
@@ -94,15 +104,16 @@ class StoreTier:
         """At each plan: unpins finished puts, gives back the slots of late
         fetches that ended, and hands confirmed saves to the put threads."""
         while self._put_done:
-            token, stored = self._put_done.popleft()
+            token, _ = self._put_done.popleft()
             entry = self._putting.get(token)
             if entry is None:
                 continue  # a put planned on an index reset() dropped
-            slots, left, _ = entry
+            slots, left, started = entry
             if left > 1:
-                self._putting[token] = (slots, left - 1, stored)
+                self._putting[token] = (slots, left - 1, started)
                 continue
             del self._putting[token]
+            self._stalled.discard(token)
             index.restored(slots, True, False)
         if self._late:
             still = []
@@ -113,11 +124,20 @@ class StoreTier:
                 else:
                     still.append((futures, slots))
             self._late = still
+        now = time.monotonic()
+        for token, (_, _, started) in self._putting.items():
+            if now - started > PUT_STALL_S and token not in self._stalled:
+                self._stalled.add(token)
+                for link in self.links():
+                    link.failed("timeout")
         if not self._to_put:
             return
         links = self.links()
         if not links or not all(link.up() for link in links):
             return  # kept: a down link comes back within its back-off, and a reused slot is told by its generation
+        room = self._put_pin_cap - sum(len(v[0]) for v in self._putting.values())
+        if room <= 0:
+            return  # the puts running hold their share of the pool: the rest waits
         slots = np.fromiter(self._to_put.keys(), dtype=np.int64, count=len(self._to_put))
         ok = np.ones(len(slots), dtype=bool)
         for ledger in ledgers:
@@ -129,7 +149,7 @@ class StoreTier:
             if self._gen[slot] != gen or not index.is_ready(slot):
                 del self._to_put[slot]
                 self.puts_unconfirmed += 1
-            elif good:
+            elif good and len(ready) < room:
                 del self._to_put[slot]
                 ready.append(slot)
                 digests.append(digest)
@@ -139,7 +159,7 @@ class StoreTier:
         index.begin_restore(pinned, False)  # a reader's pin: no save or fetch reuses the slot meanwhile
         token = self._next_token
         self._next_token += 1
-        self._putting[token] = (pinned, len(links), [])
+        self._putting[token] = (pinned, len(links), now)
         self.put_requests += len(ready)
         for link in links:
             link.put(digests, ready, lambda stored, t=token: self._put_done.append((t, stored)))
@@ -152,7 +172,8 @@ class StoreTier:
         deadline = time.monotonic() + timeout_s
         while True:
             self.pump(index, ledgers)
-            waiting = saves and self._to_put and all(link.up() for link in self.links())
+            links = self.links()
+            waiting = saves and self._to_put and links and all(link.up() for link in links)
             if not self._putting and not self._late and not waiting:  # (waiting saves hold no pin)
                 return True
             if time.monotonic() > deadline:
@@ -236,6 +257,7 @@ class StoreTier:
         """The engine slept: the host index was replaced; nothing planned on the old one is settled on the new."""
         self._to_put.clear()
         self._putting.clear()
+        self._stalled.clear()
         self._put_done.clear()
         self._late = []  # the old pool's slots: its memory stays alive while a fetch runs (store_link)
         self._gen[:] += 1
@@ -284,6 +306,10 @@ def attach(tier: Any, cache_config: Any) -> None:
         return
     from lmdeploy_hostcache.mooncake_store import StoreConfig
 
-    budget = StoreConfig.from_file(path).lookup_budget_ms / 1e3
+    try:
+        budget = StoreConfig.from_file(path).lookup_budget_ms / 1e3  # checked when the config was built
+    except ValueError as e:
+        log_once(f"host_cache_store: {e}; the store is not used")
+        return
     tier.use_store(StoreTier(id(cache_config), namespace, tier.index.capacity, tier.block_size, budget,
                              tier.bytes_per_block))

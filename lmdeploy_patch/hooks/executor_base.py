@@ -22,5 +22,6 @@ def _update_num_gpu_blocks(original: Callable, self: Any, free_mems: Any, cache_
                    model_paradigm=getattr(getattr(self, "model_config", None), "model_paradigm", "ar"),
                    engines=max(1, int(getattr(self, "dp", 1) or 1)),
                    ranks_here=type(self).__name__ == "UniExecutor", model_config=getattr(self, "model_config", None),
-                   tp=int(getattr(self.dist_config, "tp", 1) or 1))
+                   tp=int(getattr(self.dist_config, "tp", 1) or 1),
+                   adapters=getattr(getattr(self, "model_agent", None), "adapters", None))
     return result

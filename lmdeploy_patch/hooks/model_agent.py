@@ -11,7 +11,9 @@ weights), so the store that holds them is dropped after LMDeploy's sleep
 drained the device; release (engine close, Engine._loop_finally): the store
 waits for its copies and is dropped before LMDeploy releases the rest, or a
 process that builds engines one after another keeps every closed engine's
-host pool alive."""
+host pool alive; update_params / update_weights_*: before the weights
+change, this engine stops using the Mooncake Store (store_tier.py), whose
+keys would go on naming the old weights."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -87,6 +89,33 @@ async def sleep(original: Callable, self: Any, level: int = 1) -> Any:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return result
+
+
+def _weights_changed(agent: Any) -> None:
+    from ..rank_tier import weights_changed
+
+    weights_changed(agent)
+
+
+# The store's keys name the model by its name and config, not its weights
+# (docs/store_tier.md): once they change in place, this engine's blocks are
+# no longer what other engines of that name compute, nor theirs its.
+@wrap(AGENT, "BaseModelAgent.update_params", ["self", "request"])
+def update_params(original: Callable, self: Any, request: Any) -> Any:
+    _weights_changed(self)
+    return original(self, request)
+
+
+@wrap(AGENT, "BaseModelAgent.update_weights_from_ipc", ["self", "request", "reject_reason"])
+def update_weights_from_ipc(original: Callable, self: Any, request: Any, reject_reason: Any = None) -> Any:
+    _weights_changed(self)
+    return original(self, request, reject_reason)
+
+
+@wrap(AGENT, "BaseModelAgent.update_weights_from_distributed", ["self", "request"])
+def update_weights_from_distributed(original: Callable, self: Any, request: Any) -> Any:
+    _weights_changed(self)
+    return original(self, request)
 
 
 @wrap(AGENT, "BaseModelAgent.release", ["self"])

@@ -31,7 +31,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 _SIZE = re.compile(r"^\s*(\d*\.?\d+)\s*([kmg]?b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
@@ -53,6 +53,37 @@ def _size(value: Any, key: str, where: str) -> int:
 
 
 PROBE_TIMEOUT_S = 3.0
+# A master that accepts connections but does not answer (stopped, overloaded)
+# holds setup for about 90 s: given up on after this.
+SETUP_TIMEOUT_S = 30.0
+
+
+def _bounded_setup(store: Any, hostname: str, config: "StoreConfig") -> Optional[int]:
+    """Mooncake's setup on a thread of its own: its code, or None after
+    SETUP_TIMEOUT_S (the client is then closed when setup ends, if ever)."""
+    result: list[int] = []
+    abandoned = threading.Event()
+
+    def run() -> None:
+        try:
+            rc = store.setup(hostname, config.metadata_server, config.global_segment_size,
+                             config.local_buffer_size, config.protocol, config.device_name,
+                             config.master_server_address)
+        except Exception:  # noqa: BLE001 - a failed setup
+            rc = -1
+        result.append(int(rc))
+        if abandoned.is_set():
+            store.close()
+
+    thread = threading.Thread(target=run, name="mooncake-setup", daemon=True)
+    thread.start()
+    thread.join(SETUP_TIMEOUT_S)
+    if result:
+        return result[0]
+    abandoned.set()
+    if result:  # it ended meanwhile
+        return result[0]
+    return None
 
 
 def _reachable(name: str, address: str) -> None:
@@ -154,11 +185,13 @@ class MooncakeStore:
         _reachable("master_server_address", config.master_server_address)
         if config.metadata_server.startswith(("http://", "https://", "etcd://", "redis://")):
             _reachable("metadata_server", config.metadata_server.split("://", 1)[1].split("/", 1)[0])
-        self._store = MooncakeDistributedStore()
+        store = MooncakeDistributedStore()
         with _python_signal_handlers():
-            rc = self._store.setup(hostname, config.metadata_server, config.global_segment_size,
-                                   config.local_buffer_size, config.protocol, config.device_name,
-                                   config.master_server_address)
+            rc = _bounded_setup(store, hostname, config)
+        if rc is None:  # (the setup thread closes the client if it ever ends)
+            raise ConnectionError(f"Mooncake Store setup did not finish within {SETUP_TIMEOUT_S:g} s: master "
+                                  f"{config.master_server_address}, metadata server {config.metadata_server}")
+        self._store = store
         if rc != 0:
             self.close()
             raise ConnectionError(f"Mooncake Store setup failed (code {rc}): master {config.master_server_address}, "

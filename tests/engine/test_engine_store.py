@@ -78,9 +78,13 @@ def test_another_engine_process_restarted_from_scratch_restores_it(runs):
     assert b["balance_problems"] == [], b["balance_problems"]
 
 
-@pytest.mark.parametrize("name", ["quant", "block"])  # quant_policy 4; 32-token blocks
+@pytest.mark.parametrize("name", ["quant", "block", "config"])  # quant_policy 4; 32-token blocks; a config value
 def test_engines_with_other_settings_find_nothing(runs, name):
+    """`config` computes what `a` did, token for token, from the same weights
+    under the same name: only its config digest keeps it from `a`'s objects."""
     run = get(runs, name)
+    if name == "config":
+        assert not _differ(run, _prefix(run, get(runs, "ref")))
     store = _store(run)
     assert store["lookups"] > 0 and store["hit_blocks"] == 0, store
     assert run["turns"][0]["cached_tokens"] == 0, run["turns"][0]
@@ -132,4 +136,4 @@ def test_an_unreachable_store_leaves_the_host_tier_serving(runs):
     assert len(said) == 1 and "cannot be reached" in said[0] and "serving with the host tier alone" in said[0], said
     store = _store(run)
     assert store["lookups"] == 0 and store["up"] == 0, store
-    assert run["metrics"]["host_cache"]["host_hit_tokens"] >= 0 and run["balance_problems"] == []
+    assert run["metrics"]["host_cache"]["host_hit_tokens"] > 0 and run["balance_problems"] == []  # the host tier serves

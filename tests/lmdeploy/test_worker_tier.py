@@ -342,6 +342,32 @@ def test_tier_stays_off_with_a_connector_memdecode_or_dllm():
     assert "dllm" in cc.host_cache_off_reason and cc.host_cache_slots == 0
 
 
+def test_a_store_beside_lmdeploys_connector_is_said_unused_and_needs_local_ranks(hostcache_log):
+    """One KV connector in play: with LMDeploy's own configured the tier is
+    off, and the line says the store is not used either; a store needs the
+    ranks in the scheduler's process (docs/store_tier.md)."""
+    from lmdeploy.messages import KVTransferConfig
+    from lmdeploy_patch.pool_sizing import size_host_pool
+
+    cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10,
+                     kv_transfer_config=KVTransferConfig(kv_connector="MooncakeStoreConnector", kv_role="kv_both"))
+    cc.host_cache_ratio, cc.host_cache_store = 1.0, "/etc/mooncake.json"
+    size_host_pool(cc, [1 << 20], None)
+    assert cc.host_cache_slots == 0 and "host_cache_store is not used either" in cc.host_cache_off_reason
+    assert any("LMDeploy's own KV connector is the only one in play" in line for line in hostcache_log())
+    cc = CacheConfig(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=10)
+    cc.host_cache_ratio, cc.host_cache_store = 1.0, "/etc/mooncake.json"
+    with pytest.raises(ValueError, match="host_cache_store fetches into the ranks' host pools from the scheduler"):
+        size_host_pool(cc, [1 << 20], None, ranks_here=False)
+    model = SimpleNamespace(hf_config=SimpleNamespace(to_dict=lambda: {"_name_or_path": "/m/tiny", "hidden": 8}),
+                            dtype="torch.bfloat16")
+    size_host_pool(cc, [1 << 20], None, model_config=model)
+    named = cc.host_cache_store_namespace
+    cc.quant_policy = 4
+    size_host_pool(cc, [1 << 20], None, model_config=model)
+    assert cc.host_cache_slots > 0 and named and cc.host_cache_store_namespace != named
+
+
 def test_drop_worker_closes_the_store():
     plan, allocation, cc = llama_plan(0)
     cc.host_cache_slots = 4
@@ -351,3 +377,35 @@ def test_drop_worker_closes_the_store():
     worker.after_model(HostCopyPlan.build([], [], [(0, 1)]), None)
     assert rank_tier.unregister(key) and rank_tier.worker_for(key) is None
     assert not rank_tier.unregister(key) and not rank_tier.unregister(None)
+
+
+def test_weights_updated_in_place_stop_the_store_for_good(hostcache_log):
+    """The store's keys name the model by name and config: an engine whose
+    weights change in place (update_params, update_weights_*) closes its
+    link, the scheduler side sees no link, and a wakeup does not connect again."""
+    from lmdeploy.pytorch.engine.model_agent.agent import BaseModelAgent
+    from lmdeploy_patch import store_link
+    from lmdeploy_patch.store_link import StoreLink
+    from lmdeploy_patch.store_tier import StoreTier
+
+    for name in ("update_params", "update_weights_from_ipc", "update_weights_from_distributed"):
+        assert hasattr(getattr(BaseModelAgent, name), "__wrapped__"), name  # hooked (hooks/model_agent.py)
+    plan, allocation, cc = llama_plan(0)
+    cc.host_cache_slots, cc.host_cache_store, cc.host_cache_store_namespace = 4, "/unused.json", "ns"
+    worker = build_worker_tier(cc, allocation, plan.kernel_blocks_per_logical_block)
+    closed = []
+    worker.link = StoreLink(SimpleNamespace(close=lambda: closed.append(1)), "p/", worker.store.slot_address,
+                            worker.store.slot_bytes)
+    store_link.register(id(cc), worker.link)
+    tier = StoreTier(id(cc), "ns", 4, 64, 0.1, 1)
+    assert tier.links() == [worker.link]
+    agent = _CacheEngine()  # an agent: weakly referable, with its cache config
+    agent.cache_config = cc
+    rank_tier.register(_CacheEngine(), worker, agent)
+    rank_tier.weights_changed(agent)
+    assert worker.link is None and tier.links() == [] and closed == [1]
+    assert store_link.off_reason(id(cc)) == "its weights were updated"
+    rank_tier.connect_store(cc, worker, 0)  # as at a wakeup: the file is not even read
+    assert worker.link is None
+    assert any("stops using the Mooncake Store" in line for line in hostcache_log())
+    rank_tier.drop_from_agent(agent)

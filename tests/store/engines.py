@@ -16,6 +16,9 @@ pool 8x, so nothing but the store carries KV from one to the next):
           continues conversations served before the restart;
   quant : as `b` but quant_policy 4 (int4 KV): other keys, no hit;
   block : as `b` but 32-token blocks: other keys, no hit;
+  config: as `b`, the same model (its name, weights, every shape) but one
+          config value that changes nothing it computes (initializer_range):
+          only the config digest in the keys tells the engines apart;
   stalled     : as `b` (a 1 s budget), but the storage node is stopped
                 after its first request and resumed after its second: fetches
                 outlast their budget, then the node answers again;
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,8 +104,15 @@ def main() -> int:
         m = args.model
         results = run_all({"ref": turns_argv(m, logs / "ref.json", 3, None, blocks=256),
                            "a": turns_argv(m, logs / "a.json", 2, config)}, logs, args.timeout)
+        variant = logs / "config-variant" / Path(m).name  # the same name
+        shutil.copytree(m, variant, dirs_exist_ok=True)
+        cfg = json.loads((variant / "config.json").read_text())
+        cfg["initializer_range"] = cfg.get("initializer_range", 0.02) * 2
+        (variant / "config.json").write_text(json.dumps(cfg))
         results.update(run_all({"b": turns_argv(m, logs / "b.json", 3, config),
-                                "quant": turns_argv(m, logs / "quant.json", 2, config, quant=4)}, logs, args.timeout))
+                                "quant": turns_argv(m, logs / "quant.json", 2, config, quant=4),
+                                "config": turns_argv(str(variant), logs / "config.json", 2, config)},
+                               logs, args.timeout))
         short = cluster.config(logs / "mooncake-1s.json", lookup_budget_ms=1000)
         node, master = cluster.node_proc.pid, cluster.procs[0].pid
         results.update(run_all({"block": turns_argv(m, logs / "block.json", 2, config, block_size=32),

@@ -4,7 +4,8 @@ router without affinity (benchmark/router_replay.py), once as the replay
 runs them (LMDeploy's real scheduler, no ranks, the model store) and once
 with real ranks and a real store (benchmark/sim_engine.py: host pools of
 CPU tensors, copies made by the core, every byte a forward reads checked);
-writes both runs' per-turn token counts as JSON. Run inside a private
+writes both runs' per-turn token counts as JSON; then the same real run
+against a store too small for the workload (a full store). Run inside a private
 network namespace (test_store_model.py does).
 
     python tests/store/model_check.py --out FILE.json
@@ -47,13 +48,13 @@ def replay_engines(capacity: int | None = None) -> list:
     return out
 
 
-def real_engines(config: Path) -> list:
+def real_engines(config: Path, row_bytes: int = 8) -> list:
     from benchmark.sim_engine import SimEngine
 
     out = []
     for _ in range(2):
-        e = SimEngine(num_gpu_blocks=GPU_BLOCKS, host_slots=HOST_SLOTS, block_size=BLOCK, layers=2, row_bytes=8,
-                      restore_policy="always", store=str(config))
+        e = SimEngine(num_gpu_blocks=GPU_BLOCKS, host_slots=HOST_SLOTS, block_size=BLOCK, layers=2,
+                      row_bytes=row_bytes, restore_policy="always", store=str(config))
         e.tier.save_stopped_tails = False  # as the replay's stateless sessions
         out.append(e)
     return out
@@ -76,6 +77,18 @@ def main() -> int:
                   # a negative control: a model store that keeps 8 objects
                   "model_small": run(replay_engines(capacity=8), convs, seed=3)}
         for e in real:
+            e.end_all()
+    finally:
+        cluster.stop()
+    # A full store: a 16 MB node (Mooncake's least) and 256 KiB blocks; puts fail while it evicts.
+    logs = logs / "full"
+    logs.mkdir(exist_ok=True)
+    cluster = Cluster(logs, node_bytes="16 MB")
+    try:
+        full = real_engines(cluster.config(logs / "mooncake.json", lookup_budget_ms=10_000), row_bytes=8192)
+        result["full"] = run(full, convs, seed=3)
+        result["full"]["store_metrics"] = [e.tier.store.metrics() for e in full]
+        for e in full:
             e.end_all()
     finally:
         cluster.stop()

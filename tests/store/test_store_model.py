@@ -36,3 +36,15 @@ def test_the_model_store_serves_every_turn_as_the_real_one(check):
     for r, m in zip(real["engines"], model["engines"]):
         assert {k: r[k] for k in ("gpu", "host", "store", "recomputed")} == \
             {k: m[k] for k in ("gpu", "host", "store", "recomputed")}
+
+
+def test_a_full_store_costs_recomputes_not_bytes(check):
+    """The real run again against a 16 MB storage node, written more than it
+    holds: Mooncake evicts (and refuses puts while it does, counted in
+    failures_full when it happens), fewer turns are served from the store,
+    and every byte the forwards read is still right (the run completed)."""
+    full, real = check["full"], check["real"]
+    written = sum(m["host_store_bytes_written"] for m in full["store_metrics"])
+    assert written > 16 << 20, full["store_metrics"]  # more than the node holds
+    assert full["total"]["store"] < real["total"]["store"], (full["total"], real["total"])
+    assert full["total"]["prompt"] == real["total"]["prompt"]
