@@ -465,6 +465,7 @@ class WorkerTier:
             pending.clear()
         slot_ledger.unregister(self.ledger)
         self.close_link()
+        self.fallback = None  # its views of the GPU pools go now, not with the next cyclic collection
 
     def close_link(self) -> None:
         link, self.link = self.link, None
@@ -474,8 +475,8 @@ class WorkerTier:
         if not link.close(STORE_CLOSE_S):
             # Its calls still use the host pool, which the link keeps; not the GPU pools it was built over.
             self.store._allocation = None
-            log_once(f"the Mooncake Store did not answer within {STORE_CLOSE_S:g} s when the host pool was "
-                     "dropped; its client is left to finish on its own")
+            log_once(f"the Mooncake Store did not answer within {STORE_CLOSE_S:g} s when its link was closed; "
+                     "its client is left to finish on its own")
 
 
 # How long dropping a rank's pool waits for its store client to finish.
@@ -491,7 +492,7 @@ def connect_store(cache_config: Any, worker: WorkerTier, rank: int) -> None:
     if not path or namespace is None:
         return
     worker.records_restores = True
-    if store_link.off_reason(worker.config_id):
+    if getattr(cache_config, "host_cache_store_off", None):
         return  # stopped for this engine (its weights changed): not again at a wakeup
     from lmdeploy_hostcache.mooncake_store import FULL, MISSING, MooncakeStore, StoreConfig
 
@@ -520,7 +521,7 @@ def weights_changed(agent: Any) -> None:
     cc = agent.cache_config
     if not getattr(cc, "host_cache_store", None):
         return
-    store_link.turn_off(id(cc), "its weights were updated")
+    cc.host_cache_store_off = "its weights were updated"  # read by the scheduler side and at a wakeup
     worker = _BY_AGENT.get(agent)
     if worker is not None:
         worker.close_link()

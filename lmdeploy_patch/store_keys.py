@@ -7,7 +7,7 @@ engines share an object only when either could have computed it:
   lmdeploy-hostcache/v<LAYOUT_VERSION>/<engine namespace>/rank<rank>-<slot layout>/<chain digest>
 
 - the engine namespace (`engine_namespace`) covers the model (its name and
-  a digest of its config), its adapters (names and where they came from),
+  a digest of its config), its adapters (names, and what their directories hold),
   the KV cache's dtype and quant policy, the block size, the tensor-parallel
   size and the rank's slot bytes: anything that changes a block's layout or
   its values;
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -54,9 +55,23 @@ def model_identity(hf_config: Any) -> tuple[str, str]:
 
 
 def adapters_digest(adapters: dict) -> str:
-    """An engine's adapters: each name with the last part of its path."""
-    named = sorted((str(k), str(v).rstrip("/").rsplit("/", 1)[-1]) for k, v in adapters.items())
-    return hashlib.blake2b(json.dumps(named).encode(), digest_size=6).hexdigest()
+    """An engine's adapters: each name with what its directory holds (its
+    adapter_config.json and its files' names and sizes), or, for a hub id,
+    the id."""
+    h = hashlib.blake2b(digest_size=6)
+    for name, path in sorted((str(k), str(v)) for k, v in adapters.items()):
+        h.update(json.dumps([name, _adapter_identity(path)]).encode())
+    return h.hexdigest()
+
+
+def _adapter_identity(path: str) -> Any:
+    if not os.path.isdir(path):
+        return path
+    files = sorted((f, os.path.getsize(os.path.join(path, f))) for f in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, f)))
+    config = os.path.join(path, "adapter_config.json")
+    text = open(config, "rb").read() if os.path.isfile(config) else b""
+    return [files, hashlib.blake2b(text, digest_size=8).hexdigest()]
 
 
 def engine_namespace(model_name: str, config_digest: str, kv_dtype: str, quant_policy: int, block_size: int,
@@ -93,11 +108,17 @@ def chain(parent: bytes, ns: int, tokens: np.ndarray, block_size: int) -> list[b
 
 def slot_layout(allocation: Any, blocks_per_logical: int) -> str:
     """A digest of what a rank's slot holds: each KV pool's layers, bytes per
-    kernel block, dtype and block axis, and kernel blocks per block (not the
-    block count, which differs with GPU memory)."""
+    kernel block, dtype and block axis; each typed view LMDeploy packs into
+    them (K, V, scales: shape within a block, dtype, offset); kernel blocks
+    per block; LMDeploy's version. Not the block count, which differs with
+    GPU memory."""
+    import lmdeploy
+
     pools = [(int(p.tensor.shape[0]), int(p.tensor.shape[2]), str(p.tensor.dtype), int(p.entry_axis))
              for p in allocation.pools]
-    text = json.dumps({"pools": pools, "kernel_blocks_per_block": int(blocks_per_logical)})
+    views = [(list(v.shape[2:]), str(v.dtype), int(v.storage_offset())) for v in getattr(allocation, "tensor_views", ())]
+    text = json.dumps({"pools": pools, "views": views, "kernel_blocks_per_block": int(blocks_per_logical),
+                       "lmdeploy": lmdeploy.__version__})
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 

@@ -41,12 +41,24 @@ class _Worker:
 
     def __init__(self, name: str):
         self._queue: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable, *args: Any) -> Future:
+        """After stop(), `fn` runs at once on the caller's thread (the link's
+        calls then return without the store): a future always resolves."""
         future: Future = Future()
-        self._queue.put((future, fn, args))
+        with self._lock:
+            if not self._stopped:
+                self._queue.put((future, fn, args))
+                return future
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001
+            future.set_exception(e)
         return future
 
     def _run(self) -> None:
@@ -63,8 +75,10 @@ class _Worker:
                 future.set_exception(e)
 
     def stop(self) -> None:
-        """Calls queued behind this one still run, then the thread ends."""
-        self._queue.put(None)
+        """Calls queued before this still run, then the thread ends."""
+        with self._lock:
+            self._stopped = True
+            self._queue.put(None)
 
     def join(self, timeout: Optional[float] = None) -> bool:
         self._thread.join(timeout)
@@ -93,6 +107,8 @@ class StoreLink:
         self.samples: dict[str, deque] = {"lookup": deque(maxlen=SAMPLES_KEPT), "fetch": deque(maxlen=SAMPLES_KEPT),
                                           "put": deque(maxlen=SAMPLES_KEPT)}
         self._closed = False
+        self.put_started: Optional[float] = None  # when the put running now began (put_stalled)
+        self._stall_seen: Optional[float] = None
 
     # ----- health
 
@@ -126,6 +142,8 @@ class StoreLink:
         return self._gets.submit(self._lookup, [self.key(d) for d in digests])
 
     def _lookup(self, keys: list[str]) -> int:
+        if self._closed:
+            return 0
         t0 = time.monotonic()
         try:
             codes = self.store.exists_codes(keys)
@@ -152,6 +170,8 @@ class StoreLink:
         return self._gets.submit(self._fetch, [self.key(d) for d in digests], list(slots))
 
     def _fetch(self, keys: list[str], slots: list[int]) -> list[bool]:
+        if self._closed:
+            return [False] * len(slots)
         t0 = time.monotonic()
         try:
             sizes = self.store.get_codes(keys, [self.slot_address(s) for s in slots], self.slot_bytes)
@@ -187,7 +207,7 @@ class StoreLink:
             if not self.up():
                 self.add("skipped_down", len(keys))
                 return
-            t0 = time.monotonic()
+            t0 = self.put_started = time.monotonic()
             held = self.store.exists_codes(keys)
             if len(held) != len(keys):
                 self.failed("error")
@@ -218,7 +238,18 @@ class StoreLink:
         except Exception:  # noqa: BLE001 - an unsaved block is only a later miss
             self.failed("error")
         finally:
+            self.put_started = None
             done(stored)
+
+    def put_stalled(self, limit_s: float) -> bool:
+        """Whether the put running now has run longer than `limit_s`; once
+        per put it also takes the link down, as a call past its budget does."""
+        started = self.put_started
+        if started is None or time.monotonic() - started <= limit_s or started == self._stall_seen:
+            return False
+        self._stall_seen = started
+        self.failed("timeout")
+        return True
 
     # ----- shutdown
 
@@ -267,17 +298,6 @@ def unregister(link: StoreLink) -> None:
         found.discard(link)
         if not found:
             del _LINKS[key]
-
-
-_OFF: dict[int, str] = {}  # config id -> why its engine stopped using the store
-
-
-def turn_off(config_id: int, reason: str) -> None:
-    _OFF.setdefault(config_id, reason)
-
-
-def off_reason(config_id: Optional[int]) -> Optional[str]:
-    return _OFF.get(config_id) if config_id is not None else None
 
 
 def retired_counts(config_id: Optional[int]) -> dict[str, int]:

@@ -44,14 +44,15 @@ MAX_LOOKUP_BLOCKS = 256
 # Of the host pool, the most that puts may pin at once: a put thread stuck on
 # a store that hangs must not take the host tier's slots with it.
 MAX_PUT_PINNED_FRACTION = 0.125
-# A put batch running longer than this takes its links down (as a lookup past its budget does).
+# A put call running longer than this takes its link down (as a lookup past its budget does).
 PUT_STALL_S = 10.0
 
 
 class StoreTier:
     def __init__(self, config_id: int, namespace: str, num_slots: int, block_size: int, budget_s: float,
-                 bytes_per_block: int):
+                 bytes_per_block: int, cache_config: Any = None):
         self.config_id = config_id
+        self.cache_config = cache_config  # host_cache_store_off set on it: this engine stopped using the store
         self.namespace = namespace
         self.root = store_keys.root_digest(namespace)
         self.block_size = block_size
@@ -61,9 +62,7 @@ class StoreTier:
         # for an older one must not read what the slot holds now.
         self._gen = np.zeros(num_slots, dtype=np.int64)
         self._to_put: dict[int, tuple[bytes, int]] = {}   # slot -> (digest, generation): saves not yet confirmed
-        # token -> (slots, links left, when handed out): puts running, their slots pinned
-        self._putting: dict[int, tuple[np.ndarray, int, float]] = {}
-        self._stalled: set[int] = set()  # tokens whose stall took the links down
+        self._putting: dict[int, tuple[np.ndarray, int]] = {}  # token -> (slots pinned, links left)
         self._put_pin_cap = max(1, int(num_slots * MAX_PUT_PINNED_FRACTION))
         self._put_done: deque = deque()                    # (token, stored) from the put threads
         self._late: list[tuple[list[Any], np.ndarray]] = []  # (futures, slots) fetches past their budget
@@ -77,8 +76,8 @@ class StoreTier:
         self.latency = {name: Histogram(LATENCY_BOUNDS_S) for name in ("lookup", "fetch", "put")}
 
     def links(self) -> list[store_link.StoreLink]:
-        if store_link.off_reason(self.config_id):
-            return []  # this engine stopped using the store (its weights changed)
+        if getattr(self.cache_config, "host_cache_store_off", None):
+            return []  # this engine stopped using the store (its weights changed: rank_tier.weights_changed)
         return store_link.links(self.config_id)
 
     # ----- keys
@@ -108,12 +107,11 @@ class StoreTier:
             entry = self._putting.get(token)
             if entry is None:
                 continue  # a put planned on an index reset() dropped
-            slots, left, started = entry
+            slots, left = entry
             if left > 1:
-                self._putting[token] = (slots, left - 1, started)
+                self._putting[token] = (slots, left - 1)
                 continue
             del self._putting[token]
-            self._stalled.discard(token)
             index.restored(slots, True, False)
         if self._late:
             still = []
@@ -124,12 +122,9 @@ class StoreTier:
                 else:
                     still.append((futures, slots))
             self._late = still
-        now = time.monotonic()
-        for token, (_, _, started) in self._putting.items():
-            if now - started > PUT_STALL_S and token not in self._stalled:
-                self._stalled.add(token)
-                for link in self.links():
-                    link.failed("timeout")
+        if self._putting:
+            for link in self.links():
+                link.put_stalled(PUT_STALL_S)
         if not self._to_put:
             return
         links = self.links()
@@ -159,7 +154,7 @@ class StoreTier:
         index.begin_restore(pinned, False)  # a reader's pin: no save or fetch reuses the slot meanwhile
         token = self._next_token
         self._next_token += 1
-        self._putting[token] = (pinned, len(links), now)
+        self._putting[token] = (pinned, len(links))
         self.put_requests += len(ready)
         for link in links:
             link.put(digests, ready, lambda stored, t=token: self._put_done.append((t, stored)))
@@ -257,7 +252,6 @@ class StoreTier:
         """The engine slept: the host index was replaced; nothing planned on the old one is settled on the new."""
         self._to_put.clear()
         self._putting.clear()
-        self._stalled.clear()
         self._put_done.clear()
         self._late = []  # the old pool's slots: its memory stays alive while a fetch runs (store_link)
         self._gen[:] += 1
@@ -312,4 +306,4 @@ def attach(tier: Any, cache_config: Any) -> None:
         log_once(f"host_cache_store: {e}; the store is not used")
         return
     tier.use_store(StoreTier(id(cache_config), namespace, tier.index.capacity, tier.block_size, budget,
-                             tier.bytes_per_block))
+                             tier.bytes_per_block, cache_config))

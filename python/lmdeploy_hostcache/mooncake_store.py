@@ -29,6 +29,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -53,37 +55,32 @@ def _size(value: Any, key: str, where: str) -> int:
 
 
 PROBE_TIMEOUT_S = 3.0
-# A master that accepts connections but does not answer (stopped, overloaded)
-# holds setup for about 90 s: given up on after this.
-SETUP_TIMEOUT_S = 30.0
+# A master that accepts connections but does not answer (stopped,
+# overloaded) holds Mooncake's setup for minutes, with the GIL held: a thread
+# cannot bound it, so a client in a child process tries first.
+SETUP_TIMEOUT_S = 20.0
+_PROBE = """
+import sys
+from mooncake.store import MooncakeDistributedStore
+s = MooncakeDistributedStore()
+rc = s.setup(*sys.argv[1:3], 0, 16 << 20, *sys.argv[3:7])
+s.close()
+sys.exit(0 if rc == 0 else 3)
+"""
 
 
-def _bounded_setup(store: Any, hostname: str, config: "StoreConfig") -> Optional[int]:
-    """Mooncake's setup on a thread of its own: its code, or None after
-    SETUP_TIMEOUT_S (the client is then closed when setup ends, if ever)."""
-    result: list[int] = []
-    abandoned = threading.Event()
-
-    def run() -> None:
-        try:
-            rc = store.setup(hostname, config.metadata_server, config.global_segment_size,
-                             config.local_buffer_size, config.protocol, config.device_name,
-                             config.master_server_address)
-        except Exception:  # noqa: BLE001 - a failed setup
-            rc = -1
-        result.append(int(rc))
-        if abandoned.is_set():
-            store.close()
-
-    thread = threading.Thread(target=run, name="mooncake-setup", daemon=True)
-    thread.start()
-    thread.join(SETUP_TIMEOUT_S)
-    if result:
-        return result[0]
-    abandoned.set()
-    if result:  # it ended meanwhile
-        return result[0]
-    return None
+def _setup_answers(hostname: str, config: "StoreConfig") -> Optional[str]:
+    """None when a throw-away client in a child process sets up within
+    SETUP_TIMEOUT_S (it contributes no memory), else why not."""
+    argv = [sys.executable, "-c", _PROBE, hostname, config.metadata_server, config.protocol, config.device_name,
+            config.master_server_address]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=SETUP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"setup did not finish within {SETUP_TIMEOUT_S:g} s"
+    except OSError as e:
+        return f"a probe client could not be started ({e})"
+    return None if done.returncode == 0 else f"setup failed (exit {done.returncode})"
 
 
 def _reachable(name: str, address: str) -> None:
@@ -185,13 +182,15 @@ class MooncakeStore:
         _reachable("master_server_address", config.master_server_address)
         if config.metadata_server.startswith(("http://", "https://", "etcd://", "redis://")):
             _reachable("metadata_server", config.metadata_server.split("://", 1)[1].split("/", 1)[0])
-        store = MooncakeDistributedStore()
+        why = _setup_answers(hostname, config)
+        if why is not None:
+            raise ConnectionError(f"Mooncake Store {why}: master {config.master_server_address}, metadata server "
+                                  f"{config.metadata_server}")
+        self._store = MooncakeDistributedStore()
         with _python_signal_handlers():
-            rc = _bounded_setup(store, hostname, config)
-        if rc is None:  # (the setup thread closes the client if it ever ends)
-            raise ConnectionError(f"Mooncake Store setup did not finish within {SETUP_TIMEOUT_S:g} s: master "
-                                  f"{config.master_server_address}, metadata server {config.metadata_server}")
-        self._store = store
+            rc = self._store.setup(hostname, config.metadata_server, config.global_segment_size,
+                                   config.local_buffer_size, config.protocol, config.device_name,
+                                   config.master_server_address)
         if rc != 0:
             self.close()
             raise ConnectionError(f"Mooncake Store setup failed (code {rc}): master {config.master_server_address}, "

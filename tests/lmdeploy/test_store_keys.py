@@ -111,3 +111,41 @@ def test_back_off_doubles_and_a_success_resets_it():
     link._down_until = 0
     link.lookup([b"x" * 16]).result()
     assert link._backoff == 1.0
+
+
+def test_a_closed_link_answers_at_once():
+    """Calls that race a close (a weights update on another thread) resolve
+    without the store, so no slot waits on them."""
+    link = _link(Answers(exists=[1], gets=[100]))
+    assert link.close(1.0)
+    assert link.lookup([b"x" * 16]).result(timeout=1) == 0
+    assert link.fetch([b"x" * 16], [0]).result(timeout=1) == [False]
+    done = []
+    link.put([b"x" * 16], [0], done.append)
+    assert done == [[False]]
+
+
+def test_slot_layout_names_the_packing_not_the_block_count():
+    import torch
+
+    def allocation(blocks, offsets=(0, 64), dtype=torch.bfloat16):
+        pool = torch.zeros(2, blocks, 256, dtype=torch.uint8)
+        views = tuple(pool[:, :, o:o + 64].view(dtype).view(2, blocks, 2, 16) for o in offsets)
+        return SimpleNamespace(pools=[SimpleNamespace(tensor=pool, entry_axis=1)], tensor_views=views)
+
+    base = store_keys.slot_layout(allocation(8), 1)
+    assert store_keys.slot_layout(allocation(32), 1) == base  # more GPU memory, the same slots
+    assert store_keys.slot_layout(allocation(8, offsets=(0, 128)), 1) != base  # K and V packed elsewhere
+    assert store_keys.slot_layout(allocation(8, dtype=torch.float16), 1) != base
+    assert store_keys.slot_layout(allocation(8), 2) != base
+
+
+def test_adapters_are_named_by_what_their_directories_hold(tmp_path):
+    a, b = tmp_path / "run1" / "lora", tmp_path / "run2" / "lora"
+    for d, size in ((a, 10), (b, 12)):
+        d.mkdir(parents=True)
+        (d / "adapter_config.json").write_text('{"r": 8}')
+        (d / "adapter_model.safetensors").write_bytes(b"x" * size)
+    assert store_keys.adapters_digest({"x": str(a)}) != store_keys.adapters_digest({"x": str(b)})
+    assert store_keys.adapters_digest({"x": str(a)}) == store_keys.adapters_digest({"x": str(a)})
+    assert store_keys.adapters_digest({"x": "org/lora"}) != store_keys.adapters_digest({"x": "other/lora"})

@@ -397,14 +397,14 @@ def test_weights_updated_in_place_stop_the_store_for_good(hostcache_log):
     worker.link = StoreLink(SimpleNamespace(close=lambda: closed.append(1)), "p/", worker.store.slot_address,
                             worker.store.slot_bytes)
     store_link.register(id(cc), worker.link)
-    tier = StoreTier(id(cc), "ns", 4, 64, 0.1, 1)
+    tier = StoreTier(id(cc), "ns", 4, 64, 0.1, 1, cache_config=cc)
     assert tier.links() == [worker.link]
     agent = _CacheEngine()  # an agent: weakly referable, with its cache config
     agent.cache_config = cc
     rank_tier.register(_CacheEngine(), worker, agent)
     rank_tier.weights_changed(agent)
     assert worker.link is None and tier.links() == [] and closed == [1]
-    assert store_link.off_reason(id(cc)) == "its weights were updated"
+    assert cc.host_cache_store_off == "its weights were updated"
     rank_tier.connect_store(cc, worker, 0)  # as at a wakeup: the file is not even read
     assert worker.link is None
     assert any("stops using the Mooncake Store" in line for line in hostcache_log())

@@ -61,3 +61,16 @@ def test_the_config_file_is_checked_key_by_key(tmp_path):
             config(text)
     with pytest.raises(ValueError, match="cannot be read"):
         StoreConfig.from_file(str(tmp_path / "absent.json"))
+
+
+def test_a_master_that_never_answers_is_given_up_on_in_bounded_time(store_usable, tmp_path):
+    """Mooncake's setup against such a master holds the GIL for minutes: the
+    client in a child process that tries first is what bounds it."""
+    out = tmp_path / "silent.json"
+    done = subprocess.run(in_private_netns([sys.executable, str(HERE / "silent_master.py"), "--out", str(out)]),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "did not finish within" in r["error"], r
+    assert r["bound"] <= r["seconds"] < r["bound"] + 5, r
+    assert r["ticks"] > r["seconds"] * 100 * 0.5, r  # the process's other threads ran meanwhile
