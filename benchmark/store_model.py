@@ -55,12 +55,10 @@ class ModelStore:
 
 class ModelLink:
     def __init__(self, store: ModelStore, prefix: str, slot_bytes: int):
-        from lmdeploy_patch.store_link import FAILURE_KINDS
+        from lmdeploy_patch.store_link import new_counts
 
         self.store, self.prefix, self.slot_bytes = store, prefix, slot_bytes
-        self.counts = {"lookups": 0, "lookup_blocks": 0, "found_blocks": 0, "fetched_blocks": 0,
-                       "bytes_read": 0, "put_blocks": 0, "put_present": 0, "bytes_written": 0,
-                       "skipped_down": 0, **{f"failures_{k}": 0 for k in FAILURE_KINDS}}
+        self.counts = new_counts()
         self.samples: dict[str, deque] = {"lookup": deque(), "fetch": deque(), "put": deque()}
 
     def up(self) -> bool:

@@ -95,12 +95,25 @@ class SlotLedger:
         with self._lock:
             np.add.at(self._restores_planned, np.asarray(slots, dtype=np.int64), 1)
 
-    def _busy(self) -> set[int]:
-        """Slots a queued copy of this rank may still read or write."""
+    def _settled(self) -> bool:
+        """Saves seen complete are settled, without waiting; False when the
+        pool is lost (or a device fault loses it now): nothing is usable."""
+        if self.lost:
+            return False
+        try:
+            self.settle()
+        except RuntimeError:
+            return False
+        return not self.lost
+
+    def _prune_restoring(self) -> None:
         self._restoring = [(t, s) for t, s in self._restoring if not t.done()]
-        busy = {int(x) for _, s in self._restoring for x in s.tolist()}
-        busy.update(int(x) for f in self._in_flight for x in f[1].tolist())
-        return busy
+
+    @staticmethod
+    def _outside(slots: np.ndarray, copies: list) -> np.ndarray:
+        """Which of `slots` none of `copies` ((transfer, slots, ...) tuples) touches."""
+        touched = {int(x) for c in copies for x in c[1].tolist()}
+        return ~np.isin(slots, list(touched)) if touched else np.ones(len(slots), dtype=bool)
 
     def quiet(self, slots: np.ndarray) -> np.ndarray:
         """Which of `slots` no copy of this rank reads or writes, planned and
@@ -108,18 +121,12 @@ class SlotLedger:
         store) may fill those now. Never waits."""
         with self._lock:
             slots = np.asarray(slots, dtype=np.int64)
-            if self.lost or not len(slots):
+            if not len(slots) or not self._settled():
                 return np.zeros(len(slots), dtype=bool)
-            try:
-                self.settle()
-            except RuntimeError:
-                return np.zeros(len(slots), dtype=bool)
-            ok = (self._carried[slots] == self._planned[slots]) & (
-                self._restores_queued[slots] == self._restores_planned[slots])
-            busy = self._busy()
-            if busy:
-                ok &= ~np.isin(slots, list(busy))
-            return ok
+            self._prune_restoring()
+            return ((self._carried[slots] == self._planned[slots])
+                    & (self._restores_queued[slots] == self._restores_planned[slots])
+                    & self._outside(slots, self._restoring) & self._outside(slots, self._in_flight))
 
     def confirmed(self, slots: np.ndarray) -> np.ndarray:
         """Which of `slots` hold the bytes of their latest planned save, seen
@@ -127,16 +134,10 @@ class SlotLedger:
         what may be put to the store. Never waits."""
         with self._lock:
             slots = np.asarray(slots, dtype=np.int64)
-            if self.lost:
+            if not self._settled():
                 return np.zeros(len(slots), dtype=bool)
-            try:
-                self.settle()
-            except RuntimeError:
-                return np.zeros(len(slots), dtype=bool)
-            ok = (self._carried[slots] >= self._planned[slots]) & (self._carried[slots] > 0) & ~self._failed[slots]
-            flying = {int(x) for f in self._in_flight for x in f[1].tolist()}
-            if flying:
-                ok &= ~np.isin(slots, list(flying))
+            ok = ((self._carried[slots] >= self._planned[slots]) & (self._carried[slots] > 0) & ~self._failed[slots]
+                  & self._outside(slots, self._in_flight))
             if self.verify:  # the store keeps no checksum: bytes that changed here must not leave
                 ok &= self._summed[slots]
                 for i in np.nonzero(ok)[0].tolist():
@@ -213,7 +214,7 @@ class SlotLedger:
         with self._lock:
             slots = np.asarray(slots, dtype=np.int64)
             np.add.at(self._restores_queued, slots, 1)
-            self._restoring = [(t, s) for t, s in self._restoring if not t.done()]  # a bound, without quiet() calls
+            self._prune_restoring()  # a bound, without quiet() calls
             if transfer is not None:
                 self._restoring.append((transfer, slots))
 

@@ -54,11 +54,7 @@ class _Worker:
             if not self._stopped:
                 self._queue.put((future, fn, args))
                 return future
-        future.set_running_or_notify_cancel()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001
-            future.set_exception(e)
+        _resolve(future, fn, args)
         return future
 
     def _run(self) -> None:
@@ -66,13 +62,7 @@ class _Worker:
             job = self._queue.get()
             if job is None:
                 return
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-                future.set_exception(e)
+            _resolve(*job)
 
     def stop(self) -> None:
         """Calls queued before this still run, then the thread ends."""
@@ -83,6 +73,22 @@ class _Worker:
     def join(self, timeout: Optional[float] = None) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+def _resolve(future: Future, fn: Callable, args: tuple) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+        future.set_exception(e)
+
+
+def new_counts() -> dict[str, int]:
+    """What a link counts (StoreTier.metrics sums them over links)."""
+    return {"lookups": 0, "lookup_blocks": 0, "found_blocks": 0, "fetched_blocks": 0, "bytes_read": 0,
+            "put_blocks": 0, "put_present": 0, "bytes_written": 0, "skipped_down": 0,
+            **{f"failures_{k}": 0 for k in FAILURE_KINDS}}
 
 
 class StoreLink:
@@ -101,9 +107,7 @@ class StoreLink:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._backoff = BACKOFF_MIN_S
-        self.counts = {"lookups": 0, "lookup_blocks": 0, "found_blocks": 0, "fetched_blocks": 0,
-                       "bytes_read": 0, "put_blocks": 0, "put_present": 0, "bytes_written": 0,
-                       "skipped_down": 0, **{f"failures_{k}": 0 for k in FAILURE_KINDS}}
+        self.counts = new_counts()
         self.samples: dict[str, deque] = {"lookup": deque(maxlen=SAMPLES_KEPT), "fetch": deque(maxlen=SAMPLES_KEPT),
                                           "put": deque(maxlen=SAMPLES_KEPT)}
         self._closed = False

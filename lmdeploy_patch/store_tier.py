@@ -53,7 +53,6 @@ class StoreTier:
                  bytes_per_block: int, cache_config: Any = None):
         self.config_id = config_id
         self.cache_config = cache_config  # host_cache_store_off set on it: this engine stopped using the store
-        self.namespace = namespace
         self.root = store_keys.root_digest(namespace)
         self.block_size = block_size
         self.budget_s = budget_s
@@ -71,7 +70,6 @@ class StoreTier:
         self.hit_tokens = 0
         self.lookups = 0       # matches that asked the store
         self.queried_blocks = 0
-        self.put_requests = 0  # blocks handed to the put threads
         self.puts_unconfirmed = 0  # saves never put: their slot was reused or dropped first
         self.latency = {name: Histogram(LATENCY_BOUNDS_S) for name in ("lookup", "fetch", "put")}
 
@@ -155,7 +153,6 @@ class StoreTier:
         token = self._next_token
         self._next_token += 1
         self._putting[token] = (pinned, len(links))
-        self.put_requests += len(ready)
         for link in links:
             link.put(digests, ready, lambda stored, t=token: self._put_done.append((t, stored)))
 
