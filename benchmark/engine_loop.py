@@ -15,6 +15,7 @@ the scheduler comes with the tier's real scheduler side attached.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -27,14 +28,15 @@ Forward = Callable[[list, Optional[Any], bool, dict], None]
 class LogicalClock:
     """Stands in for time.perf_counter in LMDeploy's block allocator, whose
     LRU keeps access times in whole seconds (ties broken by memory address):
-    a counter makes its eviction order, and so every replay, reproducible."""
+    a counter makes its eviction order, and so every replay, reproducible.
+    The engine tests use it too (tests/engine/site/lmdeploy_logical_lru.py),
+    where a step of the counter must not race between threads."""
 
     def __init__(self) -> None:
-        self.t = 0.0
+        self._ticks = itertools.count(1)
 
     def perf_counter(self) -> float:
-        self.t += 1.0
-        return self.t
+        return float(next(self._ticks))
 
 
 def use_logical_clock() -> None:

@@ -63,7 +63,7 @@ def netns_required(why: str) -> None:
 def engine_env(**extra: str) -> dict:
     """The environment of an engine process: the shim switched on in CPU mode."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-               HOSTCACHE_TEST_START_RACE="1")
+               HOSTCACHE_TEST_START_RACE="1", HOSTCACHE_TEST_LOGICAL_LRU="1")
     # The tests' pools are a few MiB: no RAM reserve, so a machine whose
     # MemAvailable starts small (some GPU sandboxes) does not refuse them.
     env.setdefault("HOSTCACHE_RAM_RESERVE_GIB", "0")

@@ -63,9 +63,20 @@ def test_the_shim_stays_out_of_processes_without_its_switch():
     assert loaded == "False" and stream_module.startswith("torch"), r.stdout
 
 
+def test_engine_processes_evict_in_a_reproducible_order():
+    # Every engine process (GPU runs too) counts accesses instead of whole seconds:
+    # tests/engine/site/lmdeploy_logical_lru.py says why; without it the salt test fails at random.
+    code = ("import lmdeploy.pytorch.paging.block_manager.base_block_manager as b; "
+            "t = b.time.perf_counter; print(type(b.time).__name__, t() < t())")
+    on, off = _python(code), _python(code, HOSTCACHE_TEST_LOGICAL_LRU="0")
+    assert on.returncode == 0 and off.returncode == 0, (on.stderr[-2000:], off.stderr[-2000:])
+    assert on.stdout.split() == ["LogicalClock", "True"], on.stdout
+    assert off.stdout.split()[0] == "module", off.stdout  # the switch alone turns it on
+
+
 def test_the_product_does_not_know_the_shim():
     for folder in ("lmdeploy_patch", "python", "src"):
-        hits = subprocess.run(["grep", "-rlE", "lmdeploy_on_cpu|HOSTCACHE_TEST_|lmdeploy_start_race", folder],
+        hits = subprocess.run(["grep", "-rlE", "lmdeploy_on_cpu|HOSTCACHE_TEST_|lmdeploy_start_race|lmdeploy_logical_lru", folder],
                               capture_output=True, text=True, cwd=str(REPO)).stdout.split()
         assert not hits, f"{folder}/ refers to test support: {hits}"
     # Nothing from tests/ is packaged: the wheel holds the product's two packages only.

@@ -7,6 +7,7 @@ it would load into every process of the machine.
 
   HOSTCACHE_TEST_LMDEPLOY_ON_CPU=1  lmdeploy_on_cpu: the real engine without a GPU
   HOSTCACHE_TEST_START_RACE=1       lmdeploy_start_race: LMDeploy's API-server start race
+  HOSTCACHE_TEST_LOGICAL_LRU=1      lmdeploy_logical_lru: an eviction order that does not depend on speed
 """
 import os
 
@@ -18,3 +19,7 @@ if os.environ.get("HOSTCACHE_TEST_START_RACE") == "1":
     import lmdeploy_start_race
 
     lmdeploy_start_race.install()
+if os.environ.get("HOSTCACHE_TEST_LOGICAL_LRU") == "1":
+    import lmdeploy_logical_lru
+
+    lmdeploy_logical_lru.install()
